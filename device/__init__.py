@@ -1,0 +1,1 @@
+"""The device side of MIST: a NumPy low-rank attention adaptor (LAE), trained on summed features."""

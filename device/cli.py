@@ -1,0 +1,343 @@
+"""``mist-device``: inspect feature sets, train the LAE adaptor, evaluate, predict and export.
+
+NumPy is imported inside the commands, not at module level, so ``--threads`` can still set the BLAS
+thread count through environment variables before NumPy loads.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import click
+
+from .threads import set_blas_threads
+
+CONTEXT = {"auto_envvar_prefix": "MIST", "show_default": True, "help_option_names": ["-h", "--help"]}
+
+
+def _version() -> str:
+    try:
+        return version("mist-tuning")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _open_set(path: str, verify: bool = False):
+    from mist.formats import FeatureSet
+
+    return FeatureSet(path, verify=verify)
+
+
+def _threads_option(f):
+    def apply(ctx: click.Context, _param: click.Parameter, value: int | None) -> int | None:
+        if value is not None:
+            try:
+                set_blas_threads(value)
+            except ValueError as e:
+                raise click.BadParameter(str(e), ctx=ctx) from None
+        return value
+
+    return click.option("--threads", type=int, default=None, callback=apply, expose_value=False,
+                        is_eager=True, help="BLAS threads (a Raspberry Pi: 1-4). Default: the BLAS default.")(f)
+
+
+class _OneLineErrors(click.Group):
+    """Bad files, bad data and full disks end in one line on stderr and exit status 1, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as e:
+            message = _user_error_message(e)
+            if message is None:
+                raise
+            raise click.ClickException(message) from None
+
+
+def _user_error_message(e: Exception) -> str | None:
+    # Imported here, not at the top: mist.formats loads NumPy, which must wait for --threads.
+    from mist.formats import FormatError
+
+    from .train import TrainingError
+
+    if isinstance(e, (FormatError, TrainingError)):
+        return str(e)
+    if isinstance(e, OSError) and not isinstance(e, click.ClickException):
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror or e}"
+    return None
+
+
+@click.group(cls=_OneLineErrors, context_settings=CONTEXT)
+@click.version_option(_version(), prog_name="mist-device")
+def main() -> None:
+    """MIST on the device: train a NumPy low-rank attention adaptor (LAE) on summed backbone features.
+
+    Feature sets come from `mist-cloud extract`; nothing here needs torch.
+    """
+
+
+# ---- info / verify ----------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("feature_set", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def info(feature_set: str, as_json: bool) -> None:
+    """Summarise a feature set: backbone, Gather* groups, shapes, classes, shards."""
+    fs = _open_set(feature_set)
+    m = fs.manifest
+    if as_json:
+        click.echo(json.dumps(m.to_json(), indent=2))
+        return
+    import numpy as np
+
+    nbytes = int(np.prod(m.row_shape)) * (2 if m.dtype == "float16" else 4)
+    counts = np.bincount(fs.labels[fs.labels >= 0], minlength=len(m.classes)) if len(m.classes) else []
+    lines = [
+        f"feature set   {fs.directory}",
+        f"backbone      {m.backbone.get('name')}  (weights: {m.backbone.get('weights_source')}, "
+        f"sha256 {m.backbone.get('weights_sha256', '')[:12]})",
+        f"gather        k={m.k} groups {_groups_text(m.groups)}  scale={m.scale}",
+        f"tokens        T={m.tokens} (prefix {m.prefix_tokens}, grid {m.grid})  d={m.dim}  dtype={m.dtype}",
+        f"per image     {nbytes:,} bytes shipped",
+        f"rows          {len(fs):,} in {len(m.shards)} shards  split={m.split}",
+        f"classes       {len(m.classes)}: " + ", ".join(
+            f"{c} ({n})" for c, n in zip(m.classes, counts)),
+        f"unlabelled    {int(np.sum(fs.labels < 0))}",
+        f"input         {m.data_config.get('input_size')} {m.data_config.get('interpolation')} "
+        f"mean={m.data_config.get('mean')} std={m.data_config.get('std')}",
+    ]
+    click.echo("\n".join(lines))
+
+
+def _groups_text(groups: list[list[int]]) -> str:
+    def one(g: list[int]) -> str:
+        return f"{g[0]}-{g[-1]}" if len(g) > 2 and g == list(range(g[0], g[-1] + 1)) else ",".join(map(str, g))
+
+    return " | ".join(f"[{one(g)}]" for g in groups)
+
+
+@main.command()
+@click.argument("feature_set", type=click.Path(exists=True, file_okay=False))
+def verify(feature_set: str) -> None:
+    """Check a feature set's manifest, every shard header and every shard checksum."""
+    fs = _open_set(feature_set, verify=True)
+    click.echo(f"ok: {fs.directory} ({len(fs):,} rows, {len(fs.manifest.shards)} shards, checksums match)")
+
+
+# ---- train ------------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("train_set", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "run_dir", type=click.Path(file_okay=False), required=True,
+              help="Run directory: checkpoints (last, best) and metrics.jsonl.")
+@click.option("--val", "val_set", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A validation feature set (must be compatible with the training set).")
+@click.option("--val-split", type=click.FloatRange(0, 0.9), default=0.0,
+              help="Hold out this fraction of each class of TRAIN_SET for validation (ignored with --val).")
+@click.option("--rank", type=click.IntRange(1), default=32, help="Low-rank width r of the attention.")
+@click.option("--heads", type=click.IntRange(1), default=4, help="Attention heads; must divide --rank.")
+@click.option("--blocks-per-group", type=click.IntRange(1), default=1, help="LAE blocks after each Gather* map.")
+@click.option("--pool", type=click.Choice(["mean", "cls"]), default="mean",
+              help="Token pooling before the head: mean over tokens, or the class token.")
+@click.option("--input-scale", type=float, default=1.0, help="Multiply features by this on the device.")
+@click.option("--epochs", type=click.IntRange(1), default=30)
+@click.option("--batch-size", type=click.IntRange(1), default=32)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, help="Peak learning rate (AdamW).")
+@click.option("--min-lr", type=click.FloatRange(0), default=0.0, help="Learning rate at the end of the cosine.")
+@click.option("--weight-decay", type=click.FloatRange(0), default=1e-4,
+              help="Decoupled weight decay; not applied to norms and biases.")
+@click.option("--warmup", type=click.FloatRange(0), default=3.0, help="Linear warm-up length, in epochs.")
+@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.1)
+@click.option("--grad-clip", type=click.FloatRange(0), default=1.0, help="Global gradient-norm clip; 0 disables.")
+@click.option("--seed", type=int, default=0, help="Fixes the initialisation, the shuffle and the val split.")
+@click.option("--save-every", type=click.IntRange(0), default=0,
+              help="Also save a resumable checkpoint every N steps within an epoch (0: epoch ends only).")
+@click.option("--resume", is_flag=True, help="Continue from RUN_DIR/last.safetensors with the same options.")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the shards before training.")
+@_threads_option
+def train(train_set: str, run_dir: str, val_set: str | None, val_split: float, rank: int, heads: int,
+          blocks_per_group: int, pool: str, input_scale: float, epochs: int, batch_size: int, lr: float,
+          min_lr: float, weight_decay: float, warmup: float, label_smoothing: float, grad_clip: float,
+          seed: int, save_every: int, resume: bool, no_verify: bool) -> None:
+    """Train the LAE adaptor on TRAIN_SET, a feature set written by `mist-cloud extract`.
+
+    Minibatches stream from the shards, so memory stays bounded whatever the set's size. Each epoch
+    appends a line to RUN_DIR/metrics.jsonl and rewrites RUN_DIR/last.safetensors atomically;
+    RUN_DIR/best.safetensors keeps the best validation accuracy. After a crash, rerun with --resume.
+    """
+    from mist.formats import check_compatible
+
+    from .train import Trainer, TrainOptions, build_config
+
+    train_fs = _open_set(train_set, verify=not no_verify)
+    val_fs = None
+    if val_set is not None:
+        val_fs = _open_set(val_set, verify=not no_verify)
+        check_compatible(train_fs.manifest, val_fs.manifest)
+    try:
+        cfg = build_config(train_fs, rank=rank, heads=heads, blocks_per_group=blocks_per_group, pool=pool,
+                           input_scale=input_scale)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    opts = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, weight_decay=weight_decay,
+                        warmup_epochs=warmup, label_smoothing=label_smoothing, grad_clip=grad_clip, seed=seed,
+                        val_split=0.0 if val_fs is not None else val_split, save_every=save_every)
+    trainer = Trainer(run_dir, train_fs, val_fs, cfg, opts, log=click.echo)
+    from .lae import count_params
+
+    click.echo(f"training LAE: k={cfg.groups} T={cfg.tokens} d={cfg.dim} rank={cfg.rank} heads={cfg.heads} "
+               f"-> {cfg.num_classes} classes, {count_params(trainer.model.params):,} parameters; "
+               f"{len(trainer.train_rows)} train / {len(trainer.val_rows)} val rows")
+    summary = trainer.fit(resume=resume, progress=_progress if sys.stdout.isatty() else None)
+    click.echo(f"done: {summary['steps']} steps in {summary['elapsed_s']:.1f}s; checkpoints in {run_dir}")
+
+
+def _progress(batches, epoch: int):
+    with click.progressbar(batches, label=f"epoch {epoch + 1}", show_pos=True) as bar:
+        yield from bar
+
+
+# ---- evaluate / predict / export --------------------------------------------------------------------------
+
+
+def _load_adaptor(path: str):
+    """A checkpoint file, or a run directory (its best checkpoint, else its last)."""
+    from mist.formats import FormatError, load_checkpoint
+
+    from .lae import LAE, LAEConfig
+
+    p = Path(path)
+    if p.is_dir():
+        candidates = [p / "best.safetensors", p / "last.safetensors"]
+        p = next((c for c in candidates if c.exists()), None)
+        if p is None:
+            raise FormatError(f"{path}: run directory holds no best.safetensors or last.safetensors")
+    ckpt = load_checkpoint(p)
+    try:
+        cfg = LAEConfig.from_dict(ckpt.config)
+        cfg.validate()
+        model = LAE(cfg, {k: v.astype("float32") for k, v in ckpt.params.items()})
+    except (KeyError, TypeError, ValueError) as e:
+        raise FormatError(f"{p}: checkpoint config or weights do not form an LAE ({e})") from None
+    return ckpt, model, p
+
+
+def _check_set_against(ckpt, ckpt_path: Path, fs, classes: bool = True) -> None:
+    from mist.formats import check_compatible
+
+    from .train import layout_of
+
+    check_compatible(layout_of(ckpt.feature_set, str(ckpt_path)), fs.manifest, classes=classes)
+
+
+@main.command()
+@click.argument("adaptor", type=click.Path(exists=True))
+@click.argument("test_set", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--batch-size", type=click.IntRange(1), default=128)
+@_threads_option
+def evaluate(adaptor: str, test_set: str, as_json: bool, batch_size: int) -> None:
+    """Accuracy, per-class accuracy and confusion matrix of ADAPTOR (a run dir or checkpoint) on TEST_SET."""
+    import numpy as np
+
+    from .train import evaluate_rows
+
+    ckpt, model, path = _load_adaptor(adaptor)
+    fs = _open_set(test_set)
+    _check_set_against(ckpt, path, fs)
+    rows = np.nonzero(fs.labels >= 0)[0]
+    if len(rows) == 0:
+        raise click.ClickException(f"{test_set}: no labelled rows to evaluate on")
+    result = evaluate_rows(model, fs, rows, batch_size=batch_size)
+    C = len(ckpt.classes)
+    confusion = np.zeros((C, C), dtype=np.int64)
+    np.add.at(confusion, (result["labels"], result["predictions"]), 1)
+    per_class = (np.diag(confusion) / np.maximum(confusion.sum(1), 1)).tolist()
+    report = {"checkpoint": str(path), "test_set": test_set, "rows": int(len(rows)),
+              "accuracy": result["accuracy"], "loss": result["loss"], "classes": ckpt.classes,
+              "per_class_accuracy": dict(zip(ckpt.classes, per_class)), "confusion": confusion.tolist()}
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"accuracy {report['accuracy']:.4f} on {len(rows)} rows ({path})")
+    width = max(len(c) for c in ckpt.classes)
+    for c, a in zip(ckpt.classes, per_class):
+        click.echo(f"  {c:<{width}}  {a:.3f}")
+    click.echo("confusion (rows: true, columns: predicted)")
+    for c, row in zip(ckpt.classes, confusion):
+        click.echo(f"  {c:<{width}}  " + " ".join(f"{v:5d}" for v in row))
+
+
+@main.command()
+@click.argument("adaptor", type=click.Path(exists=True))
+@click.argument("feature_set", type=click.Path(exists=True, file_okay=False))
+@click.option("--top-k", type=click.IntRange(1), default=1, help="How many classes to list per row.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv")
+@click.option("--output", type=click.Path(dir_okay=False), default=None, help="Write here instead of stdout.")
+@click.option("--batch-size", type=click.IntRange(1), default=128)
+@_threads_option
+def predict(adaptor: str, feature_set: str, top_k: int, fmt: str, output: str | None, batch_size: int) -> None:
+    """Predict a class for every row of FEATURE_SET (labelled or not) with ADAPTOR."""
+    import numpy as np
+
+    from .train import evaluate_rows
+
+    ckpt, model, path = _load_adaptor(adaptor)
+    fs = _open_set(feature_set)
+    _check_set_against(ckpt, path, fs, classes=False)
+    top_k = min(top_k, len(ckpt.classes))
+    logits = evaluate_rows(model, fs, np.arange(len(fs)), batch_size=batch_size)["logits"]
+    z = logits - logits.max(1, keepdims=True)
+    probs = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
+    records = []
+    for i in range(len(fs)):
+        label = int(fs.labels[i])
+        records.append({"id": int(fs.ids[i]), "label": ckpt.classes[label] if label >= 0 else None,
+                        "prediction": ckpt.classes[top[i, 0]],
+                        "top": [{"class": ckpt.classes[c], "p": round(float(probs[i, c]), 6)} for c in top[i]]})
+    if fmt == "json":
+        text = json.dumps(records, indent=1) + "\n"
+    else:
+        header = ["id", "label", "prediction"] + [f"{kind}{j + 1}" for j in range(top_k) for kind in ("class", "p")]
+        lines = [",".join(header)]
+        for r in records:
+            cells = [str(r["id"]), _csv(r["label"] or ""), _csv(r["prediction"])]
+            for t in r["top"]:
+                cells += [_csv(t["class"]), f"{t['p']:.6f}"]
+            lines.append(",".join(cells))
+        text = "\n".join(lines) + "\n"
+    if output:
+        from mist.formats.atomic import atomic_write_bytes
+
+        atomic_write_bytes(output, text.encode())
+        click.echo(f"wrote {len(records)} predictions to {output}", err=True)
+    else:
+        click.echo(text, nl=False)
+
+
+def _csv(value: str) -> str:
+    return f'"{value.replace(chr(34), chr(34) * 2)}"' if any(c in value for c in ',"\n') else value
+
+
+@main.command()
+@click.argument("adaptor", type=click.Path(exists=True))
+@click.argument("out", type=click.Path(dir_okay=False))
+def export(adaptor: str, out: str) -> None:
+    """Write ADAPTOR's weights and metadata only (no optimizer state) to OUT, for inference."""
+    from mist.formats import Checkpoint, save_checkpoint
+
+    ckpt, _, path = _load_adaptor(adaptor)
+    slim = Checkpoint(params=ckpt.params, config=ckpt.config, classes=ckpt.classes, feature_set=ckpt.feature_set)
+    save_checkpoint(out, slim)
+    size = Path(out).stat().st_size
+    click.echo(f"exported {path} -> {out} ({size:,} bytes)")
+

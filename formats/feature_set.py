@@ -1,0 +1,308 @@
+"""Write and read feature sets: a directory of safetensors shards plus ``manifest.json``.
+
+Writing is shard by shard. Each shard is committed atomically and then the manifest is rewritten
+atomically to list it, so after a crash the manifest names exactly the shards that are whole, marked
+``"complete": false``, and a writer opened on the same directory with the same layout resumes there.
+
+Reading validates every shard header up front, then serves rows straight from the files with
+``np.memmap``: a batch costs the bytes of its rows, whatever the size of the set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_write, atomic_write_json
+from .errors import FormatError
+from .manifest import MANIFEST_NAME, Manifest, Shard
+from .safetensors_check import Header, expect_tensor, read_header, write_safetensors
+
+FEATURES, LABELS, IDS = "features", "labels", "ids"
+_STORAGE = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---- writing ----------------------------------------------------------------------------------------------
+
+
+class FeatureSetWriter:
+    """Accumulate rows and commit them as fixed-size shards.
+
+    Shard boundaries depend only on ``shard_rows``, so a resumed run writes byte-identical shards to an
+    uninterrupted one. Open with the manifest the set will have (shards empty); if the directory already
+    holds an incomplete set with the same layout, writing continues after its last whole shard
+    (``rows_done`` tells the caller how many source rows to skip).
+    """
+
+    def __init__(self, directory: str | os.PathLike, manifest: Manifest, shard_rows: int = 512,
+                 overwrite: bool = False):
+        if shard_rows < 1:
+            raise ValueError("shard_rows must be >= 1")
+        self.directory = Path(directory)
+        self.shard_rows = shard_rows
+        self.manifest = manifest.with_shards([], complete=False)
+        self._buffer: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._buffered = 0
+        self.directory.mkdir(parents=True, exist_ok=True)
+        manifest_path = self.directory / MANIFEST_NAME
+        if manifest_path.exists() and not overwrite:
+            self._resume(Manifest.load(manifest_path))
+        else:
+            self._clear()
+            atomic_write_json(manifest_path, self.manifest.to_json())
+
+    @property
+    def rows_done(self) -> int:
+        """Rows committed to whole shards (buffered rows not included)."""
+        return self.manifest.rows
+
+    def _clear(self) -> None:
+        for path in self.directory.glob("shard-*.safetensors*"):
+            path.unlink()
+
+    def _resume(self, existing: Manifest) -> None:
+        where = self.directory / MANIFEST_NAME
+        if existing.complete:
+            raise FormatError(f"{where}: the feature set is already complete; pass --overwrite to replace it")
+        if existing.layout_fingerprint() != self.manifest.layout_fingerprint():
+            field = _first_difference(existing.to_json(), self.manifest.to_json())
+            raise FormatError(
+                f"{where}: holds a partial set made with a different '{field}'; "
+                "pass --overwrite to start again"
+            )
+        for shard in existing.shards:
+            if shard.rows != self.shard_rows:
+                raise FormatError(f"{where}: partial set was written with {shard.rows} rows per shard, "
+                                  f"not {self.shard_rows}; pass the same --shard-rows or --overwrite")
+            _check_shard(self.directory, shard, existing, verify=True)
+        listed = {s.file for s in existing.shards}
+        for path in self.directory.glob("shard-*.safetensors*"):
+            if path.name not in listed:  # written after the last manifest commit: not trusted, redo it
+                path.unlink()
+        self.manifest = existing
+
+    def add(self, features: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> None:
+        """Buffer a batch of rows; full shards are written as soon as they fill."""
+        features = np.asarray(features)
+        n = features.shape[0]
+        if features.shape[1:] != self.manifest.row_shape:
+            raise ValueError(f"features of shape {features.shape[1:]} per row, manifest says "
+                             f"{self.manifest.row_shape}")
+        if np.asarray(labels).shape != (n,) or np.asarray(ids).shape != (n,):
+            raise ValueError("labels and ids need one entry per row")
+        self._buffer.append((features, np.asarray(labels), np.asarray(ids)))
+        self._buffered += n
+        while self._buffered >= self.shard_rows:
+            self._flush(self.shard_rows)
+
+    def close(self) -> Manifest:
+        """Write the last partial shard and mark the set complete."""
+        if self._buffered:
+            # One manifest write lists the short last shard and marks the set complete together: an
+            # incomplete manifest must list only full shards, or a crash between two writes here would leave
+            # a set that refuses to resume (its last shard has the "wrong" row count).
+            self._flush(self._buffered, complete=True)
+        else:
+            self.manifest = self.manifest.with_shards(self.manifest.shards, complete=True)
+            atomic_write_json(self.directory / MANIFEST_NAME, self.manifest.to_json())
+        return self.manifest
+
+    def _flush(self, n: int, complete: bool = False) -> None:
+        feats = np.concatenate([b[0] for b in self._buffer])
+        labels = np.concatenate([b[1] for b in self._buffer])
+        ids = np.concatenate([b[2] for b in self._buffer])
+        rest = (feats[n:], labels[n:], ids[n:])
+        self._buffer = [rest] if len(rest[0]) else []
+        self._buffered = len(rest[0])
+
+        index = len(self.manifest.shards)
+        name = shard_name(index)
+        tensors = {
+            # safetensors 0.8 writes the wrong bytes for non-contiguous arrays, without a warning.
+            FEATURES: np.ascontiguousarray(feats[:n], dtype=_STORAGE[self.manifest.dtype]),
+            LABELS: np.ascontiguousarray(labels[:n], dtype=np.int64),
+            IDS: np.ascontiguousarray(ids[:n], dtype=np.int64),
+        }
+        metadata = {"format": "mist-feature-shard", "set_layout": self.manifest.layout_fingerprint(),
+                    "shard_index": str(index)}
+        path = self.directory / name
+        # Not safetensors' save_file: its metadata order varies, so a resumed set would not match (see there).
+        atomic_write(path, lambda tmp: write_safetensors(tmp, tensors, metadata))
+        shard = Shard(file=name, rows=n, sha256=sha256_file(path))
+        self.manifest = self.manifest.with_shards([*self.manifest.shards, shard], complete=complete)
+        atomic_write_json(self.directory / MANIFEST_NAME, self.manifest.to_json())
+
+
+def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
+    for key in sorted(set(a) | set(b)):
+        if key in ("shards", "rows", "complete"):
+            continue
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            found = _first_difference(va, vb, f"{prefix}{key}.")
+            if found:
+                return found
+        elif va != vb:
+            return f"{prefix}{key}"
+    return ""
+
+
+# ---- reading ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _ShardView:
+    path: Path
+    rows: int
+    start: int  # global index of the shard's first row
+    features_offset: int
+
+
+def _check_shard(directory: Path, shard: Shard, manifest: Manifest, verify: bool) -> Header:
+    path = directory / shard.file
+    header = read_header(path)
+    n = shard.rows
+    expect_tensor(header, FEATURES, (_STORAGE[manifest.dtype],), (n, *manifest.row_shape))
+    expect_tensor(header, LABELS, (np.dtype("<i8"),), (n,))
+    expect_tensor(header, IDS, (np.dtype("<i8"),), (n,))
+    if verify and sha256_file(path) != shard.sha256:
+        raise FormatError(f"{path}: checksum mismatch (the file is corrupt or was modified)")
+    return header
+
+
+class FeatureSet:
+    """A validated, read-only feature set. Rows are (k, T, d) maps; labels are -1 where unknown."""
+
+    def __init__(self, directory: str | os.PathLike, verify: bool = False, allow_incomplete: bool = False):
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise FormatError(f"{self.directory}: not a feature-set directory")
+        self.manifest = Manifest.load(self.directory / MANIFEST_NAME)
+        if not self.manifest.complete and not allow_incomplete:
+            raise FormatError(
+                f"{self.directory}: incomplete feature set ({self.manifest.rows} rows in "
+                f"{len(self.manifest.shards)} shards so far); rerun the extraction to resume it"
+            )
+        self._shards: list[_ShardView] = []
+        labels, ids = [], []
+        start = 0
+        for shard in self.manifest.shards:
+            header = _check_shard(self.directory, shard, self.manifest, verify)
+            labels.append(self._read_small(header, LABELS))
+            ids.append(self._read_small(header, IDS))
+            self._shards.append(_ShardView(header.path, shard.rows, start, header.tensors[FEATURES].offset))
+            start += shard.rows
+        self.labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+        self.ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        self._starts = np.array([s.start for s in self._shards], dtype=np.int64)
+        self._storage = _STORAGE[self.manifest.dtype]
+
+    @staticmethod
+    def _read_small(header: Header, name: str) -> np.ndarray:
+        entry = header.tensors[name]
+        with open(header.path, "rb") as f:
+            f.seek(entry.offset)
+            return np.frombuffer(f.read(entry.nbytes), dtype=entry.dtype).astype(np.int64)
+
+    def __len__(self) -> int:
+        return self.manifest.rows
+
+    @property
+    def row_shape(self) -> tuple[int, int, int]:
+        return self.manifest.row_shape
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.manifest.classes)
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of this exact set: layout plus every shard's checksum."""
+        body = self.manifest.layout_fingerprint() + "".join(s.sha256 for s in self.manifest.shards)
+        return hashlib.sha256(body.encode()).hexdigest()
+
+    def verify(self) -> None:
+        """Recompute every shard's sha256 against the manifest."""
+        for shard in self.manifest.shards:
+            _check_shard(self.directory, shard, self.manifest, verify=True)
+
+    def read(self, rows: np.ndarray, dtype: np.dtype = np.float32) -> np.ndarray:
+        """Features for the given global row indices, in the given order, as (len(rows), k, T, d)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"row index out of range for a set of {len(self)} rows")
+        out = np.empty((len(rows), *self.row_shape), dtype=dtype)
+        shard_of = np.searchsorted(self._starts, rows, side="right") - 1
+        for s in np.unique(shard_of):
+            view = self._shards[s]
+            pick = np.nonzero(shard_of == s)[0]
+            local = rows[pick] - view.start
+            # A fresh memmap per read keeps no pages pinned between batches; sorted local rows read the
+            # file front to back.
+            order = np.argsort(local, kind="stable")
+            mm = np.memmap(view.path, dtype=self._storage, mode="r", offset=view.features_offset,
+                           shape=(view.rows, *self.row_shape))
+            out[pick[order]] = mm[local[order]]
+            del mm
+        return out
+
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0,
+                start_batch: int = 0, dtype: np.dtype = np.float32,
+                ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Yield (features, labels, ids) minibatches; with ``shuffle`` the order across all shards is a
+        permutation fixed by (seed, epoch), so a resumed run can skip ``start_batch`` batches exactly."""
+        order = self.epoch_order(shuffle, seed, epoch)
+        for begin in range(start_batch * batch_size, len(order), batch_size):
+            rows = order[begin:begin + batch_size]
+            yield self.read(rows, dtype), self.labels[rows], self.ids[rows]
+
+    def epoch_order(self, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
+        if not shuffle:
+            return np.arange(len(self), dtype=np.int64)
+        return np.random.default_rng([seed, epoch]).permutation(len(self))
+
+
+def check_compatible(a: Manifest, b: Manifest, classes: bool = True) -> None:
+    """Refuse to mix two sets (e.g. train and test) whose features mean different things.
+
+    ``classes=False`` skips the class list, for predicting on an unlabelled set.
+    """
+    pairs = {
+        "backbone.name": (a.backbone.get("name"), b.backbone.get("name")),
+        "backbone.weights_sha256": (a.backbone.get("weights_sha256"), b.backbone.get("weights_sha256")),
+        "gather.groups": (a.groups, b.groups),
+        "gather.scale": (a.scale, b.scale),
+        "tokens.count": (a.tokens, b.tokens),
+        "tokens.prefix": (a.prefix_tokens, b.prefix_tokens),
+        "tokens.grid": (a.grid, b.grid),
+        "dim": (a.dim, b.dim),
+        "data_config": (a.data_config, b.data_config),
+    }
+    if classes:
+        pairs["classes"] = (a.classes, b.classes)
+    for name, (x, y) in pairs.items():
+        if x != y:
+            raise FormatError(f"incompatible feature sets: '{name}' differs ({_short(x)} vs {_short(y)})")
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+

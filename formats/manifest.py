@@ -1,0 +1,225 @@
+"""The feature-set manifest: what produced the features, how they are laid out, and which shards hold them.
+
+See ``formats/SPEC.md`` for the field-by-field contract. ``Manifest.from_json`` checks every field and
+raises :class:`FormatError` naming the field, so a device never trains on a set it misreads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import FormatError
+
+FORMAT_NAME = "mist-feature-set"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+STORAGE_DTYPES = ("float16", "float32")
+SCALES = ("none", "mean")
+
+
+@dataclass(frozen=True)
+class Shard:
+    file: str
+    rows: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything the device needs to know about a feature set, and nothing it could get wrong silently."""
+
+    backbone: dict[str, str]  # name, weights_sha256, weights_source, timm_version, torch_version
+    groups: list[list[int]]  # Gather* layer groups; layer 0 is the patch embedding (or stem)
+    scale: str  # "none": plain sum; "mean": sum divided by the group's size
+    tokens: int  # T
+    prefix_tokens: int  # class and register tokens at the front of the T tokens
+    grid: list[int] | None  # (rows, cols) of the spatial tokens, None when unknown
+    dim: int  # d
+    dtype: str  # storage dtype of `features`
+    data_config: dict[str, Any]  # input_size, interpolation, mean, std, crop_pct, crop_mode
+    classes: list[str]
+    split: str
+    dataset: dict[str, Any]  # source, hash (identity of the exact images and their order), ...
+    shards: list[Shard] = field(default_factory=list)
+    rows: int = 0
+    complete: bool = False
+    layer_names: list[str] = field(default_factory=list)  # the backbone module behind each layer index
+
+    @property
+    def k(self) -> int:
+        return len(self.groups)
+
+    @property
+    def row_shape(self) -> tuple[int, int, int]:
+        return (self.k, self.tokens, self.dim)
+
+    def with_shards(self, shards: list[Shard], complete: bool) -> Manifest:
+        return replace(self, shards=list(shards), rows=sum(s.rows for s in shards), complete=complete)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "backbone": dict(self.backbone),
+            "gather": {"groups": [list(g) for g in self.groups], "scale": self.scale,
+                       "layer_names": list(self.layer_names)},
+            "tokens": {"count": self.tokens, "prefix": self.prefix_tokens,
+                       "grid": None if self.grid is None else list(self.grid)},
+            "dim": self.dim,
+            "dtype": self.dtype,
+            "data_config": dict(self.data_config),
+            "classes": list(self.classes),
+            "split": self.split,
+            "dataset": dict(self.dataset),
+            "shards": [asdict(s) for s in self.shards],
+            "rows": self.rows,
+            "complete": self.complete,
+        }
+
+    def layout_fingerprint(self) -> str:
+        """Hash of everything except the shard list: two writers with equal fingerprints write the same set."""
+        body = self.to_json()
+        for key in ("shards", "rows", "complete"):
+            body.pop(key)
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+    @classmethod
+    def from_json(cls, obj: Any, source: str = MANIFEST_NAME) -> Manifest:
+        return _parse(obj, source)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Manifest:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise FormatError(f"{path}: missing manifest (is this a feature-set directory?)") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise FormatError(f"{path}: unreadable manifest ({e.__class__.__name__})") from None
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise FormatError(f"{path}: manifest is not valid JSON (line {e.lineno})") from None
+        except (ValueError, RecursionError):  # an over-long integer literal, or absurdly deep nesting
+            raise FormatError(f"{path}: manifest is not valid JSON") from None
+        return _parse(obj, str(path))
+
+
+# ---- validation -------------------------------------------------------------------------------------------
+
+
+class _Fields:
+    """Typed access to a JSON object that names the dotted field path in every error."""
+
+    def __init__(self, obj: Any, source: str, prefix: str = ""):
+        if not isinstance(obj, dict):
+            raise FormatError(f"{source}: field '{prefix.rstrip('.') or '<root>'}' must be an object")
+        self.obj, self.source, self.prefix = obj, source, prefix
+
+    def fail(self, key: str, why: str) -> FormatError:
+        return FormatError(f"{self.source}: field '{self.prefix}{key}' {why}")
+
+    def get(self, key: str, kind: type | tuple, default: Any = ...) -> Any:
+        if key not in self.obj:
+            if default is not ...:
+                return default
+            raise self.fail(key, "is missing")
+        value = self.obj[key]
+        if isinstance(value, bool) and kind is not bool:
+            raise self.fail(key, f"must be {_kind_name(kind)}, got a boolean")
+        if not isinstance(value, kind):
+            raise self.fail(key, f"must be {_kind_name(kind)}, got {type(value).__name__}")
+        return value
+
+    def positive_int(self, key: str, minimum: int = 1) -> int:
+        value = self.get(key, int)
+        if value < minimum:
+            raise self.fail(key, f"must be >= {minimum}, got {value}")
+        return value
+
+    def sub(self, key: str) -> _Fields:
+        return _Fields(self.get(key, dict), self.source, f"{self.prefix}{key}.")
+
+
+def _kind_name(kind: type | tuple) -> str:
+    names = {int: "an integer", str: "a string", dict: "an object", list: "a list", bool: "a boolean"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _parse(obj: Any, source: str) -> Manifest:
+    top = _Fields(obj, source)
+    if top.get("format", str) != FORMAT_NAME:
+        raise top.fail("format", f"must be {FORMAT_NAME!r}")
+    version = top.get("format_version", int)
+    if version > FORMAT_VERSION:
+        raise FormatError(
+            f"{source}: format version {version} is newer than this mist reads ({FORMAT_VERSION}); upgrade mist"
+        )
+    if version < 1:
+        raise top.fail("format_version", f"must be >= 1, got {version}")
+
+    backbone = top.sub("backbone")
+    for key in ("name", "weights_sha256", "weights_source"):
+        backbone.get(key, str)
+
+    gather = top.sub("gather")
+    groups = gather.get("groups", list)
+    if not groups:
+        raise gather.fail("groups", "must hold at least one group")
+    for i, group in enumerate(groups):
+        if not isinstance(group, list) or not group or not all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in group
+        ):
+            raise gather.fail(f"groups[{i}]", "must be a non-empty list of layer indices")
+    scale = gather.get("scale", str)
+    if scale not in SCALES:
+        raise gather.fail("scale", f"must be one of {SCALES}, got {scale!r}")
+    layer_names = gather.get("layer_names", list, default=[])
+
+    tokens = top.sub("tokens")
+    count = tokens.positive_int("count")
+    prefix = tokens.get("prefix", int)
+    if not 0 <= prefix <= count:
+        raise tokens.fail("prefix", f"must lie in [0, {count}], got {prefix}")
+    grid = tokens.get("grid", (list, type(None)))
+    if grid is not None and (len(grid) != 2 or not all(isinstance(g, int) and g > 0 for g in grid)):
+        raise tokens.fail("grid", "must be null or two positive integers")
+
+    dim = top.positive_int("dim")
+    dtype = top.get("dtype", str)
+    if dtype not in STORAGE_DTYPES:
+        raise top.fail("dtype", f"must be one of {STORAGE_DTYPES}, got {dtype!r}")
+    data_config = top.get("data_config", dict)
+    classes = top.get("classes", list)
+    if not all(isinstance(c, str) for c in classes):
+        raise top.fail("classes", "must be a list of strings")
+    split = top.get("split", str)
+    dataset = top.get("dataset", dict)
+
+    shards = []
+    for i, entry in enumerate(top.get("shards", list)):
+        s = _Fields(entry, source, f"shards[{i}].")
+        name = s.get("file", str)
+        # A NUL would make open() raise a bare ValueError instead of a FormatError naming the shard.
+        if "/" in name or "\\" in name or "\0" in name or name in ("", ".", ".."):
+            raise s.fail("file", f"must be a plain file name inside the set, got {name!r}")
+        digest = s.get("sha256", str)
+        if len(digest) != 64:
+            raise s.fail("sha256", "must be a 64-character hex digest")
+        shards.append(Shard(file=name, rows=s.positive_int("rows", minimum=0), sha256=digest))
+    rows = top.positive_int("rows", minimum=0)
+    if rows != sum(s.rows for s in shards):
+        raise top.fail("rows", f"is {rows} but the shards hold {sum(s.rows for s in shards)}")
+    complete = top.get("complete", bool)
+
+    return Manifest(
+        backbone=dict(backbone.obj), groups=[list(g) for g in groups], scale=scale, tokens=count,
+        prefix_tokens=prefix, grid=None if grid is None else list(grid), dim=dim, dtype=dtype,
+        data_config=dict(data_config), classes=list(classes), split=split, dataset=dict(dataset),
+        shards=shards, rows=rows, complete=complete, layer_names=list(layer_names),
+    )

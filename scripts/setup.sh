@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Set up a fresh machine for mist: a virtual environment with the cloud, test and benchmark extras, and
+# (as root, on Debian) the Fashion-MNIST package that the main job and the accuracy tests read.
+# Idempotent: a second run only checks that everything is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${MIST_VENV:-.venv}
+PY=${PYTHON:-python3}
+
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "setup: installing Debian's dataset-fashion-mnist"
+        apt-get update -q >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends dataset-fashion-mnist >/dev/null
+    else
+        echo "setup: /usr/share/datasets/fashion-mnist is missing; as root run:" \
+             "apt-get install dataset-fashion-mnist" >&2
+    fi
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "setup: creating $VENV"
+    "$PY" -m venv "$VENV"
+fi
+if ! "$VENV/bin/python" -c "import mist.cloud, mist.device, timm, sklearn, pytest" 2>/dev/null; then
+    "$VENV/bin/pip" install -q --upgrade pip
+    # timm needs torchvision; on x86_64 these two releases work together (the CPU-only torch 2.13.0 wheel
+    # breaks torchvision's import). On aarch64, torch 2.9.1 + torchvision 0.24.1 is the pair known to work.
+    case "$(uname -m)" in
+        x86_64) TORCH="torch==2.14.1 torchvision==0.29.1" ;;
+        aarch64) TORCH="torch==2.9.1 torchvision==0.24.1" ;;
+        *) TORCH="torch torchvision" ;;
+    esac
+    echo "setup: installing $TORCH and mist[cloud,test,bench] (several GB the first time)"
+    # shellcheck disable=SC2086
+    "$VENV/bin/pip" install -q $TORCH
+    "$VENV/bin/pip" install -q -e '.[cloud,test,bench]'
+fi
+echo "setup: ready ($VENV)"
