@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
 from mist.formats import FeatureSetWriter, Manifest
 
 

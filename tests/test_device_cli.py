@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from digits_sets import write_digits_set
+
 from mist.device.cli import main
 from mist.formats import FeatureSet, load_checkpoint
 

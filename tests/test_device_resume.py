@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from digits_sets import write_digits_set
+
 from mist.formats import load_checkpoint
 
 ARGS = ["--rank", "4", "--heads", "2", "--epochs", "5", "--batch-size", "16", "--lr", "3e-3", "--warmup", "1",
