@@ -128,7 +128,8 @@ def _check_entry(path: Path, name: str, entry: object, data_start: int, data_siz
     if not isinstance(entry, dict):
         raise _fail(path, f"tensor {name!r}: entry is not an object")
     dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype_name not in DTYPES:
+    # isinstance first: a list or object as dtype is unhashable, and `in DTYPES` would raise TypeError.
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         raise _fail(path, f"tensor {name!r}: unsupported dtype {dtype_name!r}")
     if not isinstance(shape, list) or not all(_is_uint(s) for s in shape):
         raise _fail(path, f"tensor {name!r}: shape must be a list of non-negative integers")
@@ -160,7 +161,8 @@ def expect_tensor(header: Header, name: str, dtypes: tuple[np.dtype, ...], shape
     return entry
 
 
-def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
+                      metadata: dict[str, str]) -> None:
     """Write a safetensors file whose bytes depend only on the arguments.
 
     ``safetensors.numpy.save_file`` emits ``__metadata__`` in Rust hash-map order, which changes from call to
