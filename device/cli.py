@@ -144,7 +144,8 @@ def verify(feature_set: str) -> None:
               help="Hold out this fraction of each class of TRAIN_SET for validation (ignored with --val).")
 @click.option("--rank", type=click.IntRange(1), default=32, help="Low-rank width r of the attention.")
 @click.option("--heads", type=click.IntRange(1), default=4, help="Attention heads; must divide --rank.")
-@click.option("--blocks-per-group", type=click.IntRange(1), default=1, help="LAE blocks after each Gather* map.")
+@click.option("--blocks-per-group", type=click.IntRange(0), default=1,
+              help="LAE blocks after each Gather* map; 0 leaves no attention: a linear probe on the same features.")
 @click.option("--pool", type=click.Choice(["mean", "cls"]), default="mean",
               help="Token pooling before the head: mean over tokens, or the class token.")
 @click.option("--input-scale", type=float, default=1.0, help="Multiply features by this on the device.")

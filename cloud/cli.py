@@ -1,0 +1,161 @@
+"""``mist-cloud``: run a frozen timm backbone over images and write Gather* summed features.
+
+torch and timm are imported inside the commands, so ``--help`` and ``--version`` answer at once.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import click
+
+from .errors import CloudError
+
+CONTEXT = {"auto_envvar_prefix": "MIST", "show_default": True, "help_option_names": ["-h", "--help"]}
+
+
+def _version() -> str:
+    try:
+        return version("mist-tuning")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _log(message: str) -> None:
+    click.echo(message, err=True)
+
+
+class _OneLineErrors(click.Group):
+    """Bad flags, data, weights or feature sets end in one line on stderr and exit status 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            raise click.ClickException("interrupted; rerun the same command to resume") from None
+        except Exception as e:
+            from mist.formats import FormatError
+
+            if isinstance(e, (CloudError, FormatError)):
+                raise click.ClickException(str(e)) from None
+            if isinstance(e, OSError):
+                where = f"{e.filename}: " if e.filename else ""
+                raise click.ClickException(f"{where}{e.strerror or e}") from None
+            raise
+
+
+@click.group(cls=_OneLineErrors, context_settings=CONTEXT)
+@click.version_option(_version(), prog_name="mist-cloud")
+def main() -> None:
+    """MIST on the cloud: a frozen timm backbone turns images into Gather* summed features.
+
+    `mist-cloud info MODEL` lists the layers you can tap; `mist-cloud extract` writes a feature set that
+    `mist-device` trains on. See docs/cloud.md.
+    """
+
+
+def _weights_choice(pretrained: bool, weights: str | None, random_init: bool) -> str:
+    chosen = [flag for flag, on in (("--pretrained", pretrained), ("--weights", weights is not None),
+                                    ("--random-init", random_init)) if on]
+    if len(chosen) != 1:
+        got = ", ".join(chosen) if chosen else "none"
+        raise click.UsageError(f"pass exactly one of --pretrained, --weights FILE, --random-init (got {got})")
+    return "pretrained" if pretrained else "file" if weights is not None else "random-init"
+
+
+@main.command()
+@click.option("--model", required=True, help="A timm model name, e.g. tf_efficientnet_lite0, vit_base_patch16_224.")
+@click.option("--pretrained", is_flag=True,
+              help="Pretrained weights: an installed weights package if there is one (tf_efficientnet_lite0), "
+                   "else the timm hub.")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None,
+              help="A local .safetensors/.pth/.pt state dict for --model.")
+@click.option("--random-init", is_flag=True, help="Random weights (seeded by --seed); stamped in the manifest.")
+@click.option("--data", required=True,
+              help="An ImageFolder directory, a CSV/text file of 'path,label' lines, or fashion-mnist[:DIR].")
+@click.option("--split", type=click.Choice(["train", "test"]), default="train",
+              help="Which Fashion-MNIST split; for other sources, only recorded in the manifest.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The feature-set directory.")
+@click.option("--groups", default="all",
+              help="Gather* layer groups, each summed into one map: e.g. all, each, last, 12, 0-12, 0-6,7-12.")
+@click.option("--scale", type=click.Choice(["none", "mean"]), default="none",
+              help="Divide each group's sum by its size (mean) or not.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", help="Storage dtype.")
+@click.option("--batch-size", type=int, default=16)
+@click.option("--workers", type=int, default=1, help="DataLoader processes that decode images.")
+@click.option("--threads", type=int, default=None, help="torch threads for the forward. Default: torch's.")
+@click.option("--shard-rows", type=int, default=512,
+              help="Rows per shard, rounded up to a multiple of --batch-size.")
+@click.option("--limit", type=int, default=None, help="Extract a random subset of this many images.")
+@click.option("--per-class", type=int, default=None, help="Extract this many random images of each class.")
+@click.option("--seed", type=int, default=0, help="Seeds the subsets and --random-init.")
+@click.option("--img-size", type=int, default=None, help="Input size override (default: the model's).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing set instead of resuming it.")
+@click.option("--progress", type=click.Choice(["auto", "bar", "lines", "none"]), default="auto",
+              help="auto: a bar on a terminal, periodic lines otherwise.")
+def extract(model: str, pretrained: bool, weights: str | None, random_init: bool, data: str, split: str,
+            out: str, groups: str, scale: str, dtype: str, batch_size: int, workers: int, threads: int | None,
+            shard_rows: int, limit: int | None, per_class: int | None, seed: int, img_size: int | None,
+            overwrite: bool, progress: str) -> None:
+    """Extract Gather* features of --data through --model into the feature set --out.
+
+    Rerunning the same command after an interruption resumes after the last whole shard.
+    """
+    from .extract import ExtractConfig
+    from .extract import extract as run
+
+    cfg = ExtractConfig(
+        model=model, weights=_weights_choice(pretrained, weights, random_init), weights_file=weights,
+        data=data, out=Path(out), split=split, groups=groups, scale=scale, dtype=dtype, batch_size=batch_size,
+        workers=workers, threads=threads, shard_rows=shard_rows, limit=limit, per_class=per_class, seed=seed,
+        overwrite=overwrite, img_size=img_size, progress=progress,
+    )
+    run(cfg, log=_log)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--img-size", type=int, default=None, help="Input size override (default: the model's).")
+def info(model: str, img_size: int | None) -> None:
+    """List MODEL's tappable layers with their (T, d), and suggest --groups. Needs no weights."""
+    from .backbones import create_backbone
+    from .gather import format_groups
+    from .taps import find_layers, probe, recipe_for
+
+    backbone = create_backbone(model, "random-init", img_size=img_size, log=lambda _m: None)
+    layers = find_layers(backbone.model)
+    shapes = probe(backbone.model, layers, backbone.data_config["input_size"])
+    recipe = recipe_for(backbone.model)
+    size = "x".join(str(s) for s in backbone.data_config["input_size"])
+    has_head = recipe.head is not None and layers[-1].name == recipe.head
+    blocks = len(layers) - 1 - has_head
+    click.echo(f"{model} ({type(backbone.model).__name__}, {recipe.layout}), input {size}, {len(layers)} layers: "
+               f"0 = input of the first block, 1..{blocks} = block outputs"
+               + (f", {len(layers) - 1} = head ({recipe.head})" if has_head else ""))
+    click.echo(f"{'layer':>5}  {'module':<24} {'T':>6} {'d':>5}  {'prefix':>6}  grid")
+    for layer, shape in zip(layers, shapes):
+        grid = "x".join(map(str, shape.grid)) if shape.grid else "-"
+        click.echo(f"{layer.index:>5}  {layer.name:<24} {shape.tokens:>6} {shape.dim:>5}  {shape.prefix:>6}  {grid}")
+    runs = same_shape_runs([s.td for s in shapes])
+    click.echo("runs of equal (T, d), each a valid group: " + "  ".join(format_groups([r]) for r in runs))
+    longest = max(runs, key=len)
+    examples = ["last"] + ([format_groups([longest])] if len(longest) > 1 else [])
+    if len(longest) >= 4:
+        half = longest[: len(longest) // 2], longest[len(longest) // 2:]
+        examples.append(format_groups(half))
+    examples.append("each")
+    click.echo("try: " + " | ".join(f"--groups {e}" for e in examples))
+
+
+def same_shape_runs(shapes: list[tuple[int, int]]) -> list[list[int]]:
+    """Maximal runs of consecutive layers with equal (T, d)."""
+    runs: list[list[int]] = []
+    for i, shape in enumerate(shapes):
+        if runs and shapes[runs[-1][-1]] == shape:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs

