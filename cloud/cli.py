@@ -94,12 +94,14 @@ def _weights_choice(pretrained: bool, weights: str | None, random_init: bool) ->
 @click.option("--seed", type=int, default=0, help="Seeds the subsets and --random-init.")
 @click.option("--img-size", type=int, default=None, help="Input size override (default: the model's).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing set instead of resuming it.")
+@click.option("--device", default="cpu",
+              help="Where the backbone runs: cpu, cuda, cuda:N, or auto (cuda when available).")
 @click.option("--progress", type=click.Choice(["auto", "bar", "lines", "none"]), default="auto",
               help="auto: a bar on a terminal, periodic lines otherwise.")
 def extract(model: str, pretrained: bool, weights: str | None, random_init: bool, data: str, split: str,
             out: str, groups: str, scale: str, dtype: str, batch_size: int, workers: int, threads: int | None,
             shard_rows: int, limit: int | None, per_class: int | None, seed: int, img_size: int | None,
-            overwrite: bool, progress: str) -> None:
+            overwrite: bool, device: str, progress: str) -> None:
     """Extract Gather* features of --data through --model into the feature set --out.
 
     Rerunning the same command after an interruption resumes after the last whole shard.
@@ -111,7 +113,7 @@ def extract(model: str, pretrained: bool, weights: str | None, random_init: bool
         model=model, weights=_weights_choice(pretrained, weights, random_init), weights_file=weights,
         data=data, out=Path(out), split=split, groups=groups, scale=scale, dtype=dtype, batch_size=batch_size,
         workers=workers, threads=threads, shard_rows=shard_rows, limit=limit, per_class=per_class, seed=seed,
-        overwrite=overwrite, img_size=img_size, progress=progress,
+        overwrite=overwrite, img_size=img_size, device=device, progress=progress,
     )
     run(cfg, log=_log)
 

@@ -96,7 +96,7 @@ def finish(sums: torch.Tensor, groups: Sequence[Sequence[int]], scale: str, dtyp
     if scale not in SCALES:
         raise CloudError(f"--scale must be one of {SCALES}, got {scale!r}")
     if scale == "mean":
-        sizes = torch.tensor([len(g) for g in groups], dtype=sums.dtype)
+        sizes = torch.tensor([len(g) for g in groups], dtype=sums.dtype, device=sums.device)
         sums = sums / sizes.view(1, -1, 1, 1)
     out = sums.to(DTYPES[dtype])
     # One cheap pass in the common case; the details are only worked out when something overflowed.
