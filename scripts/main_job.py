@@ -89,15 +89,21 @@ def main() -> None:
     extract(args, args.train_data, "train", args.probe_groups, w / "train-probe", train_subset)
     extract(args, args.test_data, "test", args.probe_groups, w / "test-probe", test_subset)
 
-    t_train = sh("mist-device", "train", str(w / "train"), "--out", str(w / "lae"), "--epochs", str(args.epochs),
-                 "--seed", str(args.seed), "--threads", str(args.threads))
-    report = json.loads(subprocess.run(
-        ["mist-device", "evaluate", str(w / "lae"), str(w / "test"), "--json"],
-        check=True, capture_output=True, text=True).stdout)
+    def train_and_evaluate(run: str, *extra: str) -> tuple[float, dict]:
+        seconds = sh("mist-device", "train", str(w / "train"), "--out", str(w / run), "--epochs",
+                     str(args.epochs), "--seed", str(args.seed), "--threads", str(args.threads), *extra)
+        report = json.loads(subprocess.run(["mist-device", "evaluate", str(w / run), str(w / "test"), "--json"],
+                                           check=True, capture_output=True, text=True).stdout)
+        return seconds, report
+
+    t_train, report = train_and_evaluate("lae")
+    # The same trainer with no attention block: a linear probe on the very same summed features.
+    t_flat, flat = train_and_evaluate("lae-no-attention", "--blocks-per-group", "0")
     probe = linear_probe(w / "train-probe", w / "test-probe", args.seed)
 
     rows = [
         ("MIST: LAE on Gather* " + args.groups, report["accuracy"], bytes_per_image(w / "train"), t_train),
+        ("same features, no attention block", flat["accuracy"], bytes_per_image(w / "train"), t_flat),
         ("linear probe on " + args.probe_groups + " (pooled)", probe, bytes_per_image(w / "train-probe"), None),
     ]
     print()
@@ -106,7 +112,7 @@ def main() -> None:
         print(f"{name:<40} {acc:>8.4f} {nbytes:>12,} {'' if secs is None else f'{secs:.1f}':>8}")
     print(f"\nextraction of {args.model} features: {t_extract:.1f}s; test rows: {report['rows']}")
     summary = {"model": args.model, "groups": args.groups, "mist_accuracy": report["accuracy"],
-               "linear_probe_accuracy": probe, "bytes_per_image": rows[0][2],
+               "no_attention_accuracy": flat["accuracy"], "linear_probe_accuracy": probe, "bytes_per_image": rows[0][2],
                "probe_bytes_per_image": rows[1][2], "train_seconds": t_train, "extract_seconds": t_extract}
     (w / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"summary written to {w / 'summary.json'}")
