@@ -77,7 +77,10 @@ def main() -> None:
     p.add_argument("--test-limit", type=int, default=2000, help="test images")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads for extraction")
+    # The adaptor's matmuls are small (49 x 192 x 32 per image here): one BLAS thread avoids OpenBLAS's
+    # spinning threads, which made steps 100x slower when the other core was busy (docs/device.md).
+    p.add_argument("--device-threads", type=int, default=1, help="BLAS threads for device training")
     p.add_argument("--work", type=Path, default=Path("runs/main"))
     args = p.parse_args()
     args.weights = [args.weights] if args.weights.startswith("--") else ["--weights", args.weights]
@@ -91,7 +94,7 @@ def main() -> None:
 
     def train_and_evaluate(run: str, *extra: str) -> tuple[float, dict]:
         seconds = sh("mist-device", "train", str(w / "train"), "--out", str(w / run), "--epochs",
-                     str(args.epochs), "--seed", str(args.seed), "--threads", str(args.threads), *extra)
+                     str(args.epochs), "--seed", str(args.seed), "--threads", str(args.device_threads), *extra)
         report = json.loads(subprocess.run(["mist-device", "evaluate", str(w / run), str(w / "test"), "--json"],
                                            check=True, capture_output=True, text=True).stdout)
         return seconds, report
