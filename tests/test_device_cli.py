@@ -172,3 +172,10 @@ def test_non_finite_loss_detected(sets, tmp_path):
     result = run("train", sets["train"], "--out", tmp_path / "r", *FAST, "--lr", "1e30", "--grad-clip", "0",
                  "--input-scale", "1e30", ok=False)
     assert result.exit_code == 1 and "non-finite" in result.output
+
+
+def test_options_read_mist_environment_variables(sets, tmp_path):
+    args = ["train", str(sets["train"]), "--out", str(tmp_path / "r"), "--rank", "8", "--heads", "2"]
+    result = CliRunner().invoke(main, args, env={"MIST_TRAIN_EPOCHS": "2"})
+    assert result.exit_code == 0, result.output
+    assert "epoch 2/2" in result.output and "epoch 3" not in result.output
