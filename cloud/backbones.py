@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -52,13 +53,18 @@ class Backbone:
     weights_source: str
     weights_sha256: str
     data_config: dict[str, Any]
+    model_kwargs: dict[str, Any] | None = None
 
     def describe(self) -> dict[str, str]:
         """The manifest's ``backbone`` field."""
         import timm
 
-        return {"name": self.name, "weights_sha256": self.weights_sha256, "weights_source": self.weights_source,
-                "timm_version": timm.__version__, "torch_version": torch.__version__}
+        described = {"name": self.name, "weights_sha256": self.weights_sha256,
+                     "weights_source": self.weights_source, "timm_version": timm.__version__,
+                     "torch_version": torch.__version__}
+        if self.model_kwargs:  # the architecture is part of the backbone's identity
+            described["model_kwargs"] = json.dumps(self.model_kwargs, sort_keys=True)
+        return described
 
 
 def weights_sha256(model: nn.Module) -> str:
@@ -75,8 +81,12 @@ def weights_sha256(model: nn.Module) -> str:
 
 
 def create_backbone(name: str, weights: str, weights_file: str | None = None, img_size: int | None = None,
-                    seed: int = 0, log: Log = print) -> Backbone:
-    """Build ``name`` in eval mode with its parameters frozen, weights from the named source."""
+                    seed: int = 0, log: Log = print, model_kwargs: dict[str, Any] | None = None) -> Backbone:
+    """Build ``name`` in eval mode with its parameters frozen, weights from the named source.
+
+    ``model_kwargs`` go to ``timm.create_model`` (e.g. ``{"depth": 12, "patch_size": 4}``), for an
+    architecture that no registered name describes.
+    """
     import timm
 
     if weights not in WEIGHT_CHOICES:
@@ -85,7 +95,7 @@ def create_backbone(name: str, weights: str, weights_file: str | None = None, im
         near = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f" (did you mean {', '.join(near)}?)" if near else ""
         raise CloudError(f"unknown timm model {name!r}{hint}")
-    kwargs = {"img_size": img_size} if img_size else {}
+    kwargs = {**(model_kwargs or {}), **({"img_size": img_size} if img_size else {})}
 
     torch.manual_seed(seed)  # random init is then a pure function of (model, seed): resumable, hashable
     model = _build(name, pretrained=False, kwargs=kwargs)
@@ -101,7 +111,7 @@ def create_backbone(name: str, weights: str, weights_file: str | None = None, im
 
     model.eval().requires_grad_(False)
     return Backbone(name=name, model=model, weights_source=source, weights_sha256=weights_sha256(model),
-                    data_config=data_config(model, img_size))
+                    data_config=data_config(model, img_size), model_kwargs=model_kwargs or None)
 
 
 def _build(name: str, pretrained: bool, kwargs: dict[str, Any], **extra: Any) -> nn.Module:
@@ -109,11 +119,15 @@ def _build(name: str, pretrained: bool, kwargs: dict[str, Any], **extra: Any) ->
 
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs, **extra)
-    except TypeError:
-        if not kwargs:
-            raise
+    except TypeError as e:
+        if "img_size" not in kwargs:
+            raise CloudError(f"{name} does not take these model arguments: {e}") from None
         # CNNs take any input size without an img_size argument; data_config() carries the override.
-        return timm.create_model(name, pretrained=pretrained, **extra)
+        rest = {k: v for k, v in kwargs.items() if k != "img_size"}
+        try:
+            return timm.create_model(name, pretrained=pretrained, **rest, **extra)
+        except TypeError as e:
+            raise CloudError(f"{name} does not take these model arguments: {e}") from None
 
 
 def _importable(module: str) -> bool:

@@ -57,6 +57,26 @@ def main() -> None:
     """
 
 
+def _json_object(ctx: click.Context, _param: click.Parameter, value: str | None) -> dict | None:
+    if value is None:
+        return None
+    import json
+
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"not valid JSON ({e.msg})", ctx=ctx) from None
+    if not isinstance(parsed, dict):
+        raise click.BadParameter("must be a JSON object, e.g. '{\"depth\": 12}'", ctx=ctx)
+    return parsed
+
+
+_MODEL_KWARGS = click.option(
+    "--model-kwargs", default=None, callback=_json_object,
+    help="JSON object of extra timm.create_model arguments, e.g. '{\"depth\": 12, \"patch_size\": 4}'; "
+         "recorded in the manifest.")
+
+
 def _weights_choice(pretrained: bool, weights: str | None, random_init: bool) -> str:
     chosen = [flag for flag, on in (("--pretrained", pretrained), ("--weights", weights is not None),
                                     ("--random-init", random_init)) if on]
@@ -93,6 +113,7 @@ def _weights_choice(pretrained: bool, weights: str | None, random_init: bool) ->
 @click.option("--per-class", type=int, default=None, help="Extract this many random images of each class.")
 @click.option("--seed", type=int, default=0, help="Seeds the subsets and --random-init.")
 @click.option("--img-size", type=int, default=None, help="Input size override (default: the model's).")
+@_MODEL_KWARGS
 @click.option("--overwrite", is_flag=True, help="Replace an existing set instead of resuming it.")
 @click.option("--device", default="cpu",
               help="Where the backbone runs: cpu, cuda, cuda:N, or auto (cuda when available).")
@@ -101,6 +122,7 @@ def _weights_choice(pretrained: bool, weights: str | None, random_init: bool) ->
 def extract(model: str, pretrained: bool, weights: str | None, random_init: bool, data: str, split: str,
             out: str, groups: str, scale: str, dtype: str, batch_size: int, workers: int, threads: int | None,
             shard_rows: int, limit: int | None, per_class: int | None, seed: int, img_size: int | None,
+            model_kwargs: dict | None,
             overwrite: bool, device: str, progress: str) -> None:
     """Extract Gather* features of --data through --model into the feature set --out.
 
@@ -113,7 +135,7 @@ def extract(model: str, pretrained: bool, weights: str | None, random_init: bool
         model=model, weights=_weights_choice(pretrained, weights, random_init), weights_file=weights,
         data=data, out=Path(out), split=split, groups=groups, scale=scale, dtype=dtype, batch_size=batch_size,
         workers=workers, threads=threads, shard_rows=shard_rows, limit=limit, per_class=per_class, seed=seed,
-        overwrite=overwrite, img_size=img_size, device=device, progress=progress,
+        overwrite=overwrite, img_size=img_size, model_kwargs=model_kwargs, device=device, progress=progress,
     )
     run(cfg, log=_log)
 
@@ -121,13 +143,15 @@ def extract(model: str, pretrained: bool, weights: str | None, random_init: bool
 @main.command()
 @click.argument("model")
 @click.option("--img-size", type=int, default=None, help="Input size override (default: the model's).")
-def info(model: str, img_size: int | None) -> None:
+@_MODEL_KWARGS
+def info(model: str, img_size: int | None, model_kwargs: dict | None) -> None:
     """List MODEL's tappable layers with their (T, d), and suggest --groups. Needs no weights."""
     from .backbones import create_backbone
     from .gather import format_groups
     from .taps import find_layers, probe, recipe_for
 
-    backbone = create_backbone(model, "random-init", img_size=img_size, log=lambda _m: None)
+    backbone = create_backbone(model, "random-init", img_size=img_size, log=lambda _m: None,
+                               model_kwargs=model_kwargs)
     layers = find_layers(backbone.model)
     shapes = probe(backbone.model, layers, backbone.data_config["input_size"])
     recipe = recipe_for(backbone.model)

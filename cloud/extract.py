@@ -50,6 +50,7 @@ class ExtractConfig:
     seed: int = 0
     overwrite: bool = False
     img_size: int | None = None
+    model_kwargs: dict | None = None  # extra timm.create_model arguments
     device: str = "cpu"  # "cuda", "cuda:N", or "auto"
     progress: str = "auto"  # "bar", "lines", "none"; "auto": a bar on a terminal, else lines
     log_every: float = 10.0  # seconds between progress lines off a terminal
@@ -77,7 +78,8 @@ def extract(cfg: ExtractConfig, log: Log = print) -> ExtractResult:
     if len(ids) == 0:
         raise CloudError(f"--data {cfg.data}: the selection is empty")
 
-    backbone = create_backbone(cfg.model, cfg.weights, cfg.weights_file, cfg.img_size, cfg.seed, log)
+    backbone = create_backbone(cfg.model, cfg.weights, cfg.weights_file, cfg.img_size, cfg.seed, log,
+                               model_kwargs=cfg.model_kwargs)
     model = backbone.model
     layers = find_layers(model)
     shapes = probe(model, layers, backbone.data_config["input_size"])

