@@ -122,12 +122,15 @@ def _build(name: str, pretrained: bool, kwargs: dict[str, Any], **extra: Any) ->
     except TypeError as e:
         if "img_size" not in kwargs:
             raise CloudError(f"{name} does not take these model arguments: {e}") from None
-        # CNNs take any input size without an img_size argument; data_config() carries the override.
-        rest = {k: v for k, v in kwargs.items() if k != "img_size"}
-        try:
-            return timm.create_model(name, pretrained=pretrained, **rest, **extra)
-        except TypeError as e:
-            raise CloudError(f"{name} does not take these model arguments: {e}") from None
+        error: Exception = e
+    except (ValueError, AssertionError) as e:  # an argument it takes, with a value it cannot build
+        raise CloudError(f"{name} cannot be built with {kwargs}: {e or e.__class__.__name__}") from None
+    # CNNs take any input size without an img_size argument; data_config() carries the override.
+    rest = {k: v for k, v in kwargs.items() if k != "img_size"}
+    try:
+        return timm.create_model(name, pretrained=pretrained, **rest, **extra)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise CloudError(f"{name} does not take these model arguments ({error}; {e})") from None
 
 
 def _importable(module: str) -> bool:

@@ -41,6 +41,9 @@ class _OneLineErrors(click.Group):
 
             if isinstance(e, (CloudError, FormatError)):
                 raise click.ClickException(str(e)) from None
+            if isinstance(e, ImportError) and (e.name or "").split(".")[0] in ("torch", "timm", "torchvision"):
+                raise click.ClickException(f"mist-cloud needs the [cloud] extra ({e.name} is not installed): "
+                                           "pip install 'mist-tuning[cloud]'") from None
             if isinstance(e, OSError):
                 where = f"{e.filename}: " if e.filename else ""
                 raise click.ClickException(f"{where}{e.strerror or e}") from None
@@ -106,7 +109,8 @@ def _weights_choice(pretrained: bool, weights: str | None, random_init: bool) ->
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", help="Storage dtype.")
 @click.option("--batch-size", type=int, default=16)
 @click.option("--workers", type=int, default=1, help="DataLoader processes that decode images.")
-@click.option("--threads", type=int, default=None, help="torch threads for the forward. Default: torch's.")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="torch threads for the forward. Default: torch's.")
 @click.option("--shard-rows", type=int, default=512,
               help="Rows per shard, rounded up to a multiple of --batch-size.")
 @click.option("--limit", type=int, default=None, help="Extract a random subset of this many images.")

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mist.formats import sha256_file
+
 from .errors import CloudError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -73,12 +75,18 @@ def open_source(spec: str, split: str = "train") -> Source:
 def read_idx(path: Path) -> np.ndarray:
     """An IDX array (the MNIST file format), gzipped or not: magic, dims as big-endian u32, then uint8s."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        head = f.read(4)
-        if len(head) != 4 or head[:2] != b"\0\0" or head[2] != 0x08:
-            raise CloudError(f"{path}: not an IDX file of unsigned bytes")
-        dims = struct.unpack(f">{head[3]}I", f.read(4 * head[3]))
-        data = np.frombuffer(f.read(), dtype=np.uint8)
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(4)
+            if len(head) != 4 or head[:2] != b"\0\0" or head[2] != 0x08:
+                raise CloudError(f"{path}: not an IDX file of unsigned bytes")
+            raw_dims = f.read(4 * head[3])
+            if len(raw_dims) != 4 * head[3]:
+                raise CloudError(f"{path}: truncated IDX header")
+            dims = struct.unpack(f">{head[3]}I", raw_dims)
+            data = np.frombuffer(f.read(), dtype=np.uint8)
+    except (EOFError, gzip.BadGzipFile, OSError) as e:
+        raise CloudError(f"{path}: unreadable IDX file ({e.__class__.__name__}: {e})") from None
     if data.size != int(np.prod(dims)):
         raise CloudError(f"{path}: truncated IDX file ({data.size} of {int(np.prod(dims))} values)")
     return data.reshape(dims)
@@ -98,7 +106,7 @@ def _fashion_mnist(root: Path, split: str) -> Source:
     pixels, labels = read_idx(files[0]), read_idx(files[1]).astype(np.int64)
     if pixels.ndim != 3 or labels.shape != (len(pixels),):
         raise CloudError(f"{root}: image and label files do not match ({pixels.shape} vs {labels.shape})")
-    identity = _sha256_text("".join(_sha256_file(f) for f in files))
+    identity = _sha256_text("".join(sha256_file(f) for f in files))
     return Source("fashion-mnist", str(root), list(FASHION_MNIST_CLASSES), labels, identity, pixels=pixels)
 
 
@@ -163,14 +171,6 @@ def _files_identity(paths: Sequence[Path], labels: Sequence[int], root: Path) ->
             size = -1
         rel = path.relative_to(root) if path.is_relative_to(root) else path
         digest.update(f"{rel.as_posix()}\t{size}\t{label}\n".encode())
-    return digest.hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
     return digest.hexdigest()
 
 

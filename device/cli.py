@@ -162,12 +162,13 @@ def verify(feature_set: str) -> None:
 @click.option("--save-every", type=click.IntRange(0), default=0,
               help="Also save a resumable checkpoint every N steps within an epoch (0: epoch ends only).")
 @click.option("--resume", is_flag=True, help="Continue from RUN_DIR/last.safetensors with the same options.")
+@click.option("--overwrite", is_flag=True, help="Start again in a RUN_DIR that already holds a run.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the shards before training.")
 @_threads_option
 def train(train_set: str, run_dir: str, val_set: str | None, val_split: float, rank: int, heads: int,
           blocks_per_group: int, pool: str, input_scale: float, epochs: int, batch_size: int, lr: float,
           min_lr: float, weight_decay: float, warmup: float, label_smoothing: float, grad_clip: float,
-          seed: int, save_every: int, resume: bool, no_verify: bool) -> None:
+          seed: int, save_every: int, resume: bool, overwrite: bool, no_verify: bool) -> None:
     """Train the LAE adaptor on TRAIN_SET, a feature set written by `mist-cloud extract`.
 
     Minibatches stream from the shards, so memory stays bounded whatever the set's size. Each epoch
@@ -197,7 +198,9 @@ def train(train_set: str, run_dir: str, val_set: str | None, val_split: float, r
     click.echo(f"training LAE: k={cfg.groups} T={cfg.tokens} d={cfg.dim} rank={cfg.rank} heads={cfg.heads} "
                f"-> {cfg.num_classes} classes, {count_params(trainer.model.params):,} parameters; "
                f"{len(trainer.train_rows)} train / {len(trainer.val_rows)} val rows")
-    summary = trainer.fit(resume=resume, progress=_progress if sys.stdout.isatty() else None)
+    if resume and overwrite:
+        raise click.UsageError("--resume and --overwrite exclude each other")
+    summary = trainer.fit(resume=resume, overwrite=overwrite, progress=_progress if sys.stdout.isatty() else None)
     click.echo(f"done: {summary['steps']} steps in {summary['elapsed_s']:.1f}s; checkpoints in {run_dir}")
 
 
@@ -244,15 +247,16 @@ def _check_set_against(ckpt, ckpt_path: Path, fs, classes: bool = True) -> None:
 @click.argument("test_set", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--batch-size", type=click.IntRange(1), default=128)
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the shards.")
 @_threads_option
-def evaluate(adaptor: str, test_set: str, as_json: bool, batch_size: int) -> None:
+def evaluate(adaptor: str, test_set: str, as_json: bool, batch_size: int, no_verify: bool) -> None:
     """Accuracy, per-class accuracy and confusion matrix of ADAPTOR (a run dir or checkpoint) on TEST_SET."""
     import numpy as np
 
     from .train import evaluate_rows
 
     ckpt, model, path = _load_adaptor(adaptor)
-    fs = _open_set(test_set)
+    fs = _open_set(test_set, verify=not no_verify)
     _check_set_against(ckpt, path, fs)
     rows = np.nonzero(fs.labels >= 0)[0]
     if len(rows) == 0:
@@ -284,15 +288,17 @@ def evaluate(adaptor: str, test_set: str, as_json: bool, batch_size: int) -> Non
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv")
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="Write here instead of stdout.")
 @click.option("--batch-size", type=click.IntRange(1), default=128)
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the shards.")
 @_threads_option
-def predict(adaptor: str, feature_set: str, top_k: int, fmt: str, output: str | None, batch_size: int) -> None:
+def predict(adaptor: str, feature_set: str, top_k: int, fmt: str, output: str | None, batch_size: int,
+            no_verify: bool) -> None:
     """Predict a class for every row of FEATURE_SET (labelled or not) with ADAPTOR."""
     import numpy as np
 
     from .train import evaluate_rows
 
     ckpt, model, path = _load_adaptor(adaptor)
-    fs = _open_set(feature_set)
+    fs = _open_set(feature_set, verify=not no_verify)
     _check_set_against(ckpt, path, fs, classes=False)
     top_k = min(top_k, len(ckpt.classes))
     logits = evaluate_rows(model, fs, np.arange(len(fs)), batch_size=batch_size)["logits"]
@@ -302,7 +308,7 @@ def predict(adaptor: str, feature_set: str, top_k: int, fmt: str, output: str | 
     records = []
     for i in range(len(fs)):
         label = int(fs.labels[i])
-        records.append({"id": int(fs.ids[i]), "label": ckpt.classes[label] if label >= 0 else None,
+        records.append({"id": int(fs.ids[i]), "label": fs.manifest.classes[label] if label >= 0 else None,
                         "prediction": ckpt.classes[top[i, 0]],
                         "top": [{"class": ckpt.classes[c], "p": round(float(probs[i, c]), 6)} for c in top[i]]})
     if fmt == "json":
@@ -337,6 +343,8 @@ def export(adaptor: str, out: str) -> None:
     from mist.formats import Checkpoint, save_checkpoint
 
     ckpt, _, path = _load_adaptor(adaptor)
+    if Path(out).resolve() == path.resolve():
+        raise click.UsageError(f"{out} is the checkpoint being exported; choose another output file")
     slim = Checkpoint(params=ckpt.params, config=ckpt.config, classes=ckpt.classes, feature_set=ckpt.feature_set)
     save_checkpoint(out, slim)
     size = Path(out).stat().st_size

@@ -195,9 +195,12 @@ class LAE:
         self._cache = (block_caches, ln_cache, pool_cache, head_cache) if keep_cache else None
         return logits
 
-    def backward(self, dlogits: np.ndarray) -> dict[str, np.ndarray]:
+    def backward(self, dlogits: np.ndarray, input_grad: bool = False) -> dict[str, np.ndarray]:
         """Gradients of every parameter (same keys as params) given dloss/dlogits; the reverse of forward.
-        The gradient w.r.t. the input features is never formed: they are frozen."""
+
+        The features are frozen, so training never forms their gradient. ``input_grad=True`` adds it as
+        ``grads["input"]`` (B, k, T, d), for the numerical gradient check of the whole model.
+        """
         if self._cache is None:
             raise RuntimeError("backward needs a forward(x, keep_cache=True) first")
         block_caches, ln_cache, pool_cache, head_cache = self._cache
@@ -205,6 +208,10 @@ class LAE:
         dpooled, g["head.weight"], g["head.bias"] = linear_backward(dlogits, head_cache)
         dh = pool_backward(dpooled, pool_cache)
         dstate, g["norm.weight"], g["norm.bias"] = layernorm_backward(dh, ln_cache)
+        cfg = self.cfg
+        dx = np.zeros((dstate.shape[0], cfg.groups, cfg.tokens, cfg.dim), self.dtype) if input_grad else None
+        if dx is not None and cfg.blocks_per_group == 0:
+            dx[:] = dstate[:, None]  # every map was added straight into the final state
         for b in reversed(range(len(block_caches))):
             pre = f"blocks.{b}."
             blk_ln_cache, attn_cache = block_caches[b]
@@ -214,13 +221,20 @@ class LAE:
                 attention_backward(dstate, attn_cache)
             )
             # Block 0's input is x[:, 0], frozen features with no parameters upstream: skip its dx.
+            need_dx = b > 0 or dx is not None
             dstate_ln, g[pre + "norm.weight"], g[pre + "norm.bias"] = layernorm_backward(
-                dh, blk_ln_cache, need_dx=b > 0
+                dh, blk_ln_cache, need_dx=need_dx
             )
-            if b > 0:
+            if need_dx:
                 dstate = dstate + dstate_ln
-            # (the adds of x[:, j] into state pass dstate through to frozen features: nothing to do)
-        return {name: g[name] for name in self.params}  # canonical order
+            # Group j's map was added into the state just before its first block, so its gradient is the
+            # state's gradient at that point (only formed on request: the features are frozen).
+            if dx is not None and b % cfg.blocks_per_group == 0:
+                dx[:, b // cfg.blocks_per_group] = dstate
+        grads = {name: g[name] for name in self.params}  # canonical order
+        if dx is not None:
+            grads["input"] = dx * cfg.input_scale
+        return grads
 
 
 def loss_and_grads(

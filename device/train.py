@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from mist.formats import Checkpoint, FeatureSet, FormatError, Manifest, load_checkpoint, save_checkpoint
+from mist.formats.atomic import atomic_write_bytes
 
 from .lae import LAE, LAEConfig, flops_per_image, init_params, loss_and_grads
 from .optim import AdamW, clip_grad_norm, lr_schedule
@@ -48,7 +49,7 @@ class TrainOptions:
 def split_rows(fs: FeatureSet, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Hold out a seeded, per-class fraction of labelled rows for validation."""
     labelled = np.nonzero(fs.labels >= 0)[0]
-    if val_split <= 0:
+    if val_split <= 0 or len(labelled) == 0:
         return labelled, np.zeros(0, np.int64)
     rng = np.random.default_rng([seed, 7919])
     val = []
@@ -68,7 +69,10 @@ def evaluate_rows(model: LAE, fs: FeatureSet, rows: np.ndarray, batch_size: int 
     logits_all, loss_sum = [], 0.0
     for begin in range(0, len(rows), batch_size):
         pick = rows[begin:begin + batch_size]
-        logits = model.forward(fs.read(pick, dtype=model.dtype), keep_cache=False)
+        x = fs.read(pick, dtype=model.dtype)
+        if not np.isfinite(x).all():
+            raise TrainingError(f"{fs.directory}: non-finite values in the features of rows {pick[0]}..{pick[-1]}")
+        logits = model.forward(x, keep_cache=False)
         labels = fs.labels[pick]
         if np.all(labels >= 0):
             loss, _ = softmax_cross_entropy(logits, labels, label_smoothing)
@@ -125,6 +129,7 @@ class Trainer:
         self.warmup_steps = int(round(opts.warmup_epochs * self.steps_per_epoch))
         self.model = LAE(cfg, init_params(cfg, opts.seed))
         self.optimizer = AdamW(self.model.params, lr=opts.lr, weight_decay=opts.weight_decay)
+        self._truncate_metrics = False
         self.state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "best_val": None,
                                       "loss_sum": 0.0, "correct": 0, "seen": 0, "elapsed": 0.0}
 
@@ -143,6 +148,14 @@ class Trainer:
         return {k: v for k, v in self.optimizer.state_dict().items() if k != "step"}
 
     def resume(self, path: Path) -> None:
+        try:
+            self._resume(path)
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            if isinstance(e, FormatError):
+                raise
+            raise FormatError(f"{path}: not a usable resumable checkpoint ({e.__class__.__name__}: {e})") from None
+
+    def _resume(self, path: Path) -> None:
         ckpt = load_checkpoint(path)
         if not ckpt.resumable:
             raise FormatError(f"{path}: not a resumable checkpoint (no train_state)")
@@ -162,15 +175,23 @@ class Trainer:
 
     # ---- the loop ----
 
-    def fit(self, resume: bool = False, progress: Callable | None = None) -> dict[str, Any]:
+    def fit(self, resume: bool = False, overwrite: bool = False,
+            progress: Callable | None = None) -> dict[str, Any]:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         last = self.run_dir / LAST
         if resume and last.exists():
             self.resume(last)
             _drop_metrics_after(self.run_dir / METRICS, self.state["epoch"])
             self.log(f"resumed from {last} at epoch {self.state['epoch'] + 1}, step {self.state['step']}")
-        elif not resume:
-            (self.run_dir / METRICS).unlink(missing_ok=True)
+        elif resume:  # killed before the first checkpoint: nothing to resume, start clean
+            _drop_metrics_after(self.run_dir / METRICS, 0)
+            self.log(f"no checkpoint in {self.run_dir} yet; starting from the beginning")
+        elif last.exists() and not overwrite:
+            raise TrainingError(f"{self.run_dir} already holds a run; pass --resume to continue it "
+                                "or --overwrite to start again")
+        else:
+            # Old checkpoints stay until this run's first epoch replaces them; old metrics likewise.
+            self._truncate_metrics = True
         opts, flops = self.opts, flops_per_image(self.cfg)
         dtype = self.model.dtype
         while self.state["epoch"] < opts.epochs:
@@ -226,11 +247,15 @@ class Trainer:
         if improved:
             s["best_val"] = score
         ckpt = self.checkpoint()
-        with open(self.run_dir / METRICS, "a") as f:
+        mode = "w" if self._truncate_metrics else "a"
+        self._truncate_metrics = False
+        with open(self.run_dir / METRICS, mode) as f:
             f.write(json.dumps(record) + "\n")
-        save_checkpoint(self.run_dir / LAST, ckpt)
+        # best before last: a kill between the two leaves `last` at the previous epoch, so the resumed run
+        # replays this epoch and writes `best` again; the other order would lose this epoch's best for good.
         if improved:
             save_checkpoint(self.run_dir / BEST, ckpt)
+        save_checkpoint(self.run_dir / LAST, ckpt)
         return record
 
     def _summary(self) -> dict[str, Any]:
@@ -247,8 +272,16 @@ def _epoch_line(r: dict[str, Any], epochs: int) -> str:
 
 
 def _drop_metrics_after(path: Path, epoch: int) -> None:
-    """A kill between the metrics line and the checkpoint leaves a line the resumed run will write again."""
-    if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= epoch]
-        path.write_text("".join(ln + "\n" for ln in kept))
+    """A kill between the metrics line and the checkpoint leaves a line the resumed run will write again,
+    and a kill mid-line leaves half a line: keep only whole lines of epochs the checkpoint has finished."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("epoch", 0) <= epoch:
+            kept.append(line + "\n")
+    atomic_write_bytes(path, "".join(kept).encode())

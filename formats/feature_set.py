@@ -205,7 +205,12 @@ class FeatureSet:
         start = 0
         for shard in self.manifest.shards:
             header = _check_shard(self.directory, shard, self.manifest, verify)
-            labels.append(self._read_small(header, LABELS))
+            shard_labels = self._read_small(header, LABELS)
+            bad = (shard_labels < -1) | (shard_labels >= len(self.manifest.classes))
+            if bad.any():
+                raise FormatError(f"{header.path}: label {int(shard_labels[bad][0])} is out of range for "
+                                  f"{len(self.manifest.classes)} classes (labels are class indices, or -1)")
+            labels.append(shard_labels)
             ids.append(self._read_small(header, IDS))
             self._shards.append(_ShardView(header.path, shard.rows, start, header.tensors[FEATURES].offset))
             start += shard.rows

@@ -153,8 +153,6 @@ def _kind_name(kind: type | tuple) -> str:
 
 def _parse(obj: Any, source: str) -> Manifest:
     top = _Fields(obj, source)
-    if top.get("format", str) != FORMAT_NAME:
-        raise top.fail("format", f"must be {FORMAT_NAME!r}")
     version = top.get("format_version", int)
     if version > FORMAT_VERSION:
         raise FormatError(
@@ -162,6 +160,8 @@ def _parse(obj: Any, source: str) -> Manifest:
         )
     if version < 1:
         raise top.fail("format_version", f"must be >= 1, got {version}")
+    if top.get("format", str) != FORMAT_NAME:
+        raise top.fail("format", f"must be {FORMAT_NAME!r}")
 
     backbone = top.sub("backbone")
     for key in ("name", "weights_sha256", "weights_source"):

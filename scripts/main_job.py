@@ -36,7 +36,7 @@ def sh(*cmd: str) -> float:
 def extract(args: argparse.Namespace, data: str, split: str, groups: str, out: Path, subset: list[str]) -> float:
     return sh("mist-cloud", "extract", "--model", args.model, *args.weights, "--data", data, "--split", split,
               "--groups", groups, "--out", str(out), "--seed", str(args.seed), "--threads", str(args.threads),
-              *subset)
+              "--overwrite", *subset)
 
 
 def pooled(directory: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -94,7 +94,8 @@ def main() -> None:
 
     def train_and_evaluate(run: str, *extra: str) -> tuple[float, dict]:
         seconds = sh("mist-device", "train", str(w / "train"), "--out", str(w / run), "--epochs",
-                     str(args.epochs), "--seed", str(args.seed), "--threads", str(args.device_threads), *extra)
+                     str(args.epochs), "--seed", str(args.seed), "--threads", str(args.device_threads), "--overwrite",
+                     *extra)
         report = json.loads(subprocess.run(["mist-device", "evaluate", str(w / run), str(w / "test"), "--json"],
                                            check=True, capture_output=True, text=True).stdout)
         return seconds, report
@@ -116,7 +117,7 @@ def main() -> None:
     print(f"\nextraction of {args.model} features: {t_extract:.1f}s; test rows: {report['rows']}")
     summary = {"model": args.model, "groups": args.groups, "mist_accuracy": report["accuracy"],
                "no_attention_accuracy": flat["accuracy"], "linear_probe_accuracy": probe, "bytes_per_image": rows[0][2],
-               "probe_bytes_per_image": rows[1][2], "train_seconds": t_train, "extract_seconds": t_extract}
+               "probe_bytes_per_image": rows[2][2], "train_seconds": t_train, "extract_seconds": t_extract}
     (w / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"summary written to {w / 'summary.json'}")
 

@@ -139,3 +139,28 @@ def test_model_kwargs_on_the_command_line() -> None:
     assert result.exit_code == 0 and "4 layers" in result.output
     result = CliRunner().invoke(main, ["info", "test_vit", "--model-kwargs", "{depth: 3}"])
     assert result.exit_code == 2 and "not valid JSON" in result.output
+
+
+def test_model_kwargs_with_a_value_the_model_rejects() -> None:
+    with pytest.raises(CloudError, match="cannot be built"):
+        create_backbone("test_vit", "random-init", model_kwargs={"embed_dim": 100, "num_heads": 3}, **QUIET)
+
+
+def test_cloud_cli_without_torch_says_which_extra(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'timm', 'torchvision'):\n"
+        "            raise ModuleNotFoundError('No module named ' + repr(name), name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "sys.argv = ['mist-cloud', 'info', 'test_vit']\n"
+        "from mist.cloud.cli import main\n"
+        "main()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "needs the [cloud] extra" in result.stderr and "Traceback" not in result.stderr

@@ -115,3 +115,18 @@ def test_fashion_mnist() -> None:
     assert image.mode == "RGB" and image.size == (28, 28)
     with pytest.raises(CloudError, match="splits train, test"):
         open_source("fashion-mnist", "val")
+
+
+@pytest.mark.parametrize("content", [b"\0\0\x08\x03\0\0", b"\0\0\x08\x01\0\0\0\x05abc", b"not gzip at all"])
+def test_damaged_idx_files_are_one_line_errors(tmp_path: Path, content: bytes) -> None:
+    import gzip
+
+    from mist.cloud.datasets import read_idx
+
+    plain = tmp_path / "x-idx3-ubyte"
+    plain.write_bytes(content)
+    broken_gz = tmp_path / "y-idx3-ubyte.gz"
+    broken_gz.write_bytes(gzip.compress(content)[:-6] if content.startswith(b"\0") else content)
+    for path in (plain, broken_gz):
+        with pytest.raises(CloudError):
+            read_idx(path)

@@ -163,9 +163,11 @@ def test_nan_features_stop_training_and_keep_checkpoints(sets, tmp_path):
     run_dir = tmp_path / "run"
     run("train", sets["train"], "--out", run_dir, *FAST, "--epochs", "1")
     before = (run_dir / "last.safetensors").read_bytes()
-    result = run("train", tmp_path / "nan", "--out", run_dir, *FAST, ok=False)
+    result = run("train", tmp_path / "nan", "--out", run_dir, *FAST, "--overwrite", ok=False)
     assert result.exit_code == 1 and "non-finite" in result.output
     assert (run_dir / "last.safetensors").read_bytes() == before
+    result = run("evaluate", run_dir, tmp_path / "nan", ok=False)
+    assert result.exit_code == 1 and "non-finite" in result.output
 
 
 def test_non_finite_loss_detected(sets, tmp_path):
@@ -179,3 +181,45 @@ def test_options_read_mist_environment_variables(sets, tmp_path):
     result = CliRunner().invoke(main, args, env={"MIST_TRAIN_EPOCHS": "2"})
     assert result.exit_code == 0, result.output
     assert "epoch 2/2" in result.output and "epoch 3" not in result.output
+
+
+def test_existing_run_is_not_silently_overwritten(sets, tmp_path):
+    run_dir = tmp_path / "run"
+    run("train", sets["train"], "--out", run_dir, *FAST, "--epochs", "1")
+    result = run("train", sets["train"], "--out", run_dir, *FAST, "--epochs", "1", ok=False)
+    assert result.exit_code == 1 and "already holds a run" in result.output
+    run("train", sets["train"], "--out", run_dir, *FAST, "--epochs", "2", "--overwrite")
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    result = run("export", run_dir / "last.safetensors", run_dir / "last.safetensors", ok=False)
+    assert result.exit_code == 2 and "choose another output file" in result.output
+    assert load_checkpoint(run_dir / "last.safetensors").resumable
+
+
+def test_out_of_range_labels_and_unlabelled_val_split_are_one_line(sets, tmp_path):
+    from mist.formats import FeatureSetWriter
+
+    good = FeatureSet(sets["train"])
+    labels = good.labels[:100].copy()
+    labels[7] = 12
+    writer = FeatureSetWriter(tmp_path / "bad", good.manifest, shard_rows=100)
+    writer.add(good.read(np.arange(100)), labels, good.ids[:100])
+    writer.close()
+    result = run("train", tmp_path / "bad", "--out", tmp_path / "r", *FAST, ok=False)
+    assert result.exit_code == 1 and "label 12 is out of range for 10 classes" in result.output
+    result = run("train", sets["unlabelled"], "--out", tmp_path / "r2", "--val-split", "0.2", *FAST, ok=False)
+    assert result.exit_code == 1 and "no labelled rows" in result.output
+
+
+def test_predict_names_labels_with_the_sets_own_classes(trained, sets, tmp_path):
+    import dataclasses
+
+    from mist.formats import FeatureSetWriter
+
+    source = FeatureSet(sets["test"])
+    renamed = dataclasses.replace(source.manifest, classes=[f"digit {c}" for c in source.manifest.classes])
+    writer = FeatureSetWriter(tmp_path / "renamed", renamed, shard_rows=200)
+    writer.add(source.read(np.arange(50)), source.labels[:50], source.ids[:50])
+    writer.close()
+    records = json.loads(run("predict", trained, tmp_path / "renamed", "--format", "json").output)
+    assert records[0]["label"] == f"digit {source.labels[0]}"
+    assert records[0]["prediction"] in [str(i) for i in range(10)]  # the adaptor's own class names

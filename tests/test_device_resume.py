@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -52,6 +53,10 @@ def test_kill9_then_resume_gives_identical_weights(tmp_path):
         np.testing.assert_array_equal(a.params[name], b.params[name], err_msg=name)
     for name in a.optimizer:
         np.testing.assert_array_equal(a.optimizer[name], b.optimizer[name], err_msg=name)
+    best_a, best_b = load_checkpoint(clean / "best.safetensors"), load_checkpoint(killed / "best.safetensors")
+    assert best_a.train_state["epoch"] == best_b.train_state["epoch"]
+    for name in best_a.params:
+        np.testing.assert_array_equal(best_a.params[name], best_b.params[name], err_msg=f"best {name}")
     clean_metrics = (clean / "metrics.jsonl").read_text().splitlines()
     killed_metrics = (killed / "metrics.jsonl").read_text().splitlines()
     assert len(killed_metrics) == len(clean_metrics) == 5
@@ -66,3 +71,17 @@ def test_resume_with_other_options_is_refused(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 1
     assert "lr=" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_resume_tolerates_a_half_written_metrics_line(tmp_path):
+    train_set = write_digits_set(tmp_path / "train", slice(0, 200), shard_rows=100)
+    run_dir = tmp_path / "run"
+    cmd = train_cmd(train_set, run_dir)
+    cmd[cmd.index("--epochs") + 1] = "2"
+    subprocess.run(cmd, check=True, capture_output=True)
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "st')  # what a kill in the middle of a write leaves
+    result = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]

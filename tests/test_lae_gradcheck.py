@@ -53,6 +53,24 @@ def test_lae_gradcheck(case):
         assert err < 1e-6, f"{name}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("case", [*CASES, dict(groups=2, blocks_per_group=0, pool="mean")],
+                         ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_lae_input_gradcheck(case):
+    """The gradient w.r.t. the features: training never needs it, but it checks the whole backward path."""
+    from mist.device.layers import softmax_cross_entropy
+
+    cfg = LAEConfig(dim=8, tokens=5, num_classes=3, rank=4, heads=2, **case)
+    model = LAE(cfg, perturbed_params(cfg, seed=2))
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, cfg.groups, cfg.tokens, cfg.dim))
+    labels = rng.integers(0, cfg.num_classes, 3)
+    _, dlogits = softmax_cross_entropy(model.forward(x), labels, 0.1)
+    dx = model.backward(dlogits, input_grad=True)["input"]
+    f = lambda: softmax_cross_entropy(model.forward(x), labels, 0.1)[0]  # noqa: E731
+    err = check_grad(f, x, dx, max_checks=60, seed=4)
+    assert err < 1e-6, f"input: relative error {err:.2e}"
+
+
 def test_initial_model_is_linear_probe():
     """With every out.weight at zero the blocks add nothing: logits = head(pool(LN(sum of maps)))."""
     cfg = LAEConfig(dim=16, tokens=6, groups=3, num_classes=4, rank=8, heads=2, blocks_per_group=2,
