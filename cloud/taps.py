@@ -24,7 +24,7 @@ from .errors import CloudError
 @dataclass(frozen=True)
 class TapRecipe:
     blocks: str  # dotted module-path pattern of the blocks, in forward order; '*' matches one path segment
-    layout: str  # "NLC": outputs are token sequences; "NCHW": feature maps, flattened to (B, H*W, C)
+    layout: str  # "NLC": token sequences; "NCHW" / "NHWC": feature maps, flattened to (B, H*W, C)
     head: str | None = None  # a module whose output is one extra, final layer
 
 
@@ -35,6 +35,11 @@ RECIPES: dict[str, TapRecipe] = {
     "EfficientNet": TapRecipe("blocks.*.*", "NCHW", head="bn2"),
     "ResNet": TapRecipe("layer?.*", "NCHW"),
     "ConvNeXt": TapRecipe("stages.*.blocks.*", "NCHW"),
+    "Beit": TapRecipe("blocks.*", "NLC"),
+    "SwinTransformer": TapRecipe("layers.*.blocks.*", "NHWC"),  # timm's Swin blocks keep (B, H, W, C)
+    "MobileNetV3": TapRecipe("blocks.*.*", "NCHW"),  # its conv_head runs after pooling: no spatial head
+    "RegNet": TapRecipe("s?.b*", "NCHW"),
+    "ResNetV2": TapRecipe("stages.*.blocks.*", "NCHW"),
 }
 
 
@@ -101,6 +106,8 @@ def to_tokens(value: object, layout: str) -> torch.Tensor:
     if layout == "NCHW":
         # For a channels_last map this view is already contiguous (B, H*W, C): no copy.
         return x.flatten(2).transpose(1, 2)
+    if layout == "NHWC":
+        return x.flatten(1, 2)
     return x
 
 
@@ -152,8 +159,8 @@ def probe(model: nn.Module, layers: Sequence[Layer], input_size: Sequence[int]) 
     shapes = []
     for layer in layers:
         shape = raw[layer.index]
-        if layout == "NCHW":
-            _, c, h, w = shape
+        if layout in ("NCHW", "NHWC"):
+            _, c, h, w = shape if layout == "NCHW" else (shape[0], shape[3], shape[1], shape[2])
             shapes.append(LayerShape(h * w, c, 0, (h, w)))
         else:
             _, t, d = shape
