@@ -113,7 +113,7 @@ def test_forward_stops_after_the_last_tapped_layer() -> None:
 @pytest.mark.parametrize("name, img_size", [
     ("test_vit2", 32), ("test_efficientnet", 64), ("test_resnet", 64), ("test_convnext", 64),
     ("resnet18", 64), ("convnext_atto", 64), ("swin_tiny_patch4_window7_224", 224),
-    ("mobilenetv3_small_050", 64), ("regnetx_002", 64), ("resnetv2_50", 64),
+    ("mobilenetv3_small_050", 64), ("regnetx_002", 64), ("resnetv2_50", 64), ("beit_base_patch16_224", 224),
 ])
 def test_recipes_across_families(name: str, img_size: int) -> None:
     torch.manual_seed(0)
