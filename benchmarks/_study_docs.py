@@ -14,13 +14,16 @@ EXPECTED = {"lite0": ["1 linear probe", "2 last layer", "3 Gather* k=1", "3 Gath
                       "4 Gather* k=3", "5 all layers (k=4)"],
             "vit": ["1 linear probe", "2 last layer", "3 Gather* k=1", "3 Gather* k=1 mean", "4 Gather* k=2",
                     "4 Gather* k=3", "5 all layers (k=7)"]}
+EXPECTED["lite0_full"] = EXPECTED["lite0"]
 
 
 def main() -> None:
     import json
 
     text = DOC.read_text()
-    for name, tag in (("lite0", "LITE0_TABLE"), ("vit", "VIT_TABLE")):
+    for name, tag in (("lite0", "LITE0_TABLE"), ("vit", "VIT_TABLE"), ("lite0_full", "LITE0_FULL_TABLE")):
+        if not (accuracy.OUT / f"{name}.json").is_file():
+            continue
         done = {r["row"] for r in json.loads((accuracy.OUT / f"{name}.json").read_text())["rows"]}
         missing = [r[2:] for r in EXPECTED[name] if r not in done]
         body = accuracy.table(name)

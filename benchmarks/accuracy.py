@@ -22,6 +22,14 @@ each row is retrained on all 1000 images with 3 seeds and tested on a fixed test
     .venv/bin/python benchmarks/accuracy.py twin lite0        # row 6   -> runs/accuracy/lite0_twin.json
     .venv/bin/python benchmarks/accuracy.py plot              # docs/results/*.png from the JSON files
 (the same with ``vit`` for the Fashion-MNIST-pretrained ViT adapted to MNIST digits)
+
+Setting (b), the full Fashion-MNIST training split, Lite0 only (``lite0_full``): one extraction of layers 12-15
+in float16 (4.5 GB for 60k; read back in float16 and summed in float32 per batch), the 2,000-image test set of
+``lite0`` reused, the probe's head features recomputed from the stored layer 15 (blocks.6, conv_head, bn2), one
+seed and setting (a)'s chosen hyperparameters (no search):
+
+    .venv/bin/python benchmarks/accuracy.py extract lite0_full
+    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/accuracy.py full --epochs 4   # -> runs/accuracy/lite0_full.json
 """
 
 from __future__ import annotations
@@ -75,6 +83,10 @@ def studies() -> dict[str, Study]:
                        ["--data", "fashion-mnist", "--split", "train", "--per-class", "100", "--seed", "0"],
                        ["--data", "fashion-mnist", "--split", "test", "--limit", "2000", "--seed", "0"],
                        [12, 13, 14, 15], "17", "mean"),
+        # Setting (b): the whole 60k training split, stored layers in fp16; the test sets are lite0's.
+        "lite0_full": Study("lite0_full", ["--model", "tf_efficientnet_lite0", "--pretrained"],
+                            ["--data", "fashion-mnist", "--split", "train"], [],
+                            [12, 13, 14, 15], "17", "mean"),
         # test_vit pretrained here on Fashion-MNIST (benchmarks/pretrain_vit.py), adapted to MNIST digits.
         "vit": Study("vit", ["--model", "test_vit", "--img-size", "64", "--weights", "<vit>"],
                      ["--data", str(mnist / "train")], ["--data", str(mnist / "test")],
@@ -109,6 +121,8 @@ def extract(study: Study, threads: int) -> None:
     jobs = [("train", study.train_data, layers, "float32"), ("test", study.test_data, layers, "float32"),
             ("train_probe", study.train_data, study.probe_layer, "float16"),
             ("test_probe", study.test_data, study.probe_layer, "float16")]
+    if study.name == "lite0_full":  # one pass, fp16; the test sets and the probe come from elsewhere
+        jobs = [("train", study.train_data, layers, "float16")]
     for tag, data, groups, dtype in jobs:
         out = OUT / study.name / tag
         cmd = [CLI, "extract", *model, *data, "--groups", groups, "--scale", "none", "--dtype", dtype,
@@ -300,6 +314,104 @@ def _save(obj: dict, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=1) + "\n")
 
 
+# ---- setting (b): the full training split, streamed from fp16 stored layers --------------------------------
+
+
+class GatherView:
+    """Stored layers (N, m, T, d), any dtype, seen as Gather* maps (N, k, T, d) in float32, one batch at a time:
+    ``view[rows]`` sums the chosen rows' layers in float32, so only the fp16 stored layers sit in memory."""
+
+    def __init__(self, per_layer: np.ndarray, layers: list[int], groups: list[list[int]], scale: str):
+        self.per_layer, self.layers, self.groups, self.scale = per_layer, layers, groups, scale
+        self.shape = (len(per_layer), len(groups), *per_layer.shape[2:])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        return gather(self.per_layer[rows].astype(np.float32), self.layers, self.groups, self.scale)
+
+
+def head_features(per_layer: np.ndarray, layers: list[int], bs: int = 500) -> np.ndarray:
+    """Mean-pooled layer 17 (bn2, the 1280-d head) recomputed from the stored last stage-5 block (layer 15):
+    blocks.6 -> conv_head -> bn2 of the same Lite0 weights, so the head needs no second extraction pass."""
+    import torch
+
+    from cloud.backbones import create_backbone
+
+    model = create_backbone("tf_efficientnet_lite0", "pretrained", log=lambda *_: None).model
+    pos = layers.index(15)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(per_layer), bs):
+            x = torch.from_numpy(per_layer[i:i + bs, pos].astype(np.float32))  # (B, 49, 192) tokens
+            x = x.transpose(1, 2).reshape(len(x), -1, 7, 7)  # back to NCHW
+            out.append(model.bn2(model.conv_head(model.blocks[6](x))).mean((2, 3)).numpy())
+    return np.concatenate(out)
+
+
+def run_full(study: Study, small: Study, seed: int, epochs: int, only: list[str] | None,
+             rows: int | None, probe_iter: int = 300) -> dict:
+    """Setting (b): train on the extracted 60k (or its first ``rows``), test on setting (a)'s 2,000 test images,
+    one seed, the hyperparameters setting (a) chose (runs/accuracy/lite0.json), no search."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from mist.device.lae import count_params
+    from mist.formats import FeatureSet
+
+    recipe = {**RECIPE, "epochs": epochs, "warmup_epochs": min(RECIPE["warmup_epochs"], 0.5)}
+    fs = FeatureSet(OUT / study.name / "train", allow_incomplete=True)  # a partial extraction: its whole shards
+    n = min(rows or len(fs), len(fs))
+    t0 = time.time()
+    xtr_all = fs.read(np.arange(n), dtype=np.float16)  # 60k x 4 x 49 x 192 fp16 = 4.5 GB; summed in fp32 per batch
+    ytr = np.asarray(fs.labels[:n], np.int64)
+    xte_all, yte, man = load(small, "test")  # setting (a)'s 2,000 test images, stored fp32
+    T, d = man.tokens, man.dim
+    print(f"{study.name}: train {xtr_all.shape} fp16 ({time.time() - t0:.0f}s), test {xte_all.shape}", flush=True)
+    chosen = {r["row"]: r["chosen"] for r in json.loads((OUT / f"{small.name}.json").read_text())["rows"]}
+    path = OUT / f"{study.name}.json"
+    result = {"backbone": study.name, "train_images": n, "train_extracted": len(fs), "extraction_complete":
+              fs.manifest.complete, "train_class_counts": np.bincount(ytr, minlength=10).tolist(),
+              "test_images": len(yte), "tokens": T, "dim": d, "layers": study.layers, "stored_dtype": "float16",
+              "recipe": recipe, "seeds": [seed], "rows": []}
+    if path.is_file():  # rows run earlier are kept when the data and recipe are the same
+        old = json.loads(path.read_text())
+        if all(old.get(key) == result[key] for key in ("train_images", "recipe", "seeds")):
+            result["rows"] = old["rows"]
+
+    rows_by_name = {c["row"][2:]: c for c in [{"row": "1 linear probe"}, *configs(study)]}
+    for name in only or list(rows_by_name):  # exact row names, run in the order given
+        c, ts = rows_by_name[name], time.time()
+        if name == "linear probe":
+            ftr, fte = head_features(xtr_all, study.layers), head_features(xte_all, study.layers)
+            stored = load(small, "test_probe")[0][:, 0].mean(1)  # the extracted layer 17, for a check
+            C = chosen["1 linear probe"]["C"]
+            sc = StandardScaler().fit(ftr)
+            clf = LogisticRegression(C=C, max_iter=probe_iter).fit(sc.transform(ftr), ytr)
+            acc = float(clf.score(sc.transform(fte), yte))
+            row = {"row": "1 linear probe", "groups": [[17]], "scale": "none",
+                   "features": f"mean-pooled layer 17, {ftr.shape[1]}-d, recomputed from stored layer 15",
+                   "head_check_max_abs_diff": float(np.abs(fte - stored).max()),
+                   "bytes_per_image": ftr.shape[1] * 2, "params": ftr.shape[1] * 10 + 10,
+                   "val_grid": {str(C): None}, "chosen": {"C": C}, "lbfgs_iterations": int(clf.n_iter_.max()),
+                   "lbfgs_max_iter": probe_iter}
+        else:
+            lr, rank = chosen[c["row"]]["lr"], chosen[c["row"]]["rank"]
+            xtr = GatherView(xtr_all, study.layers, c["groups"], c["scale"])
+            xte = gather(xte_all, study.layers, c["groups"], c["scale"])
+            model, _ = train_numpy(xtr, ytr, make_cfg(xte, rank), lr, seed, recipe)
+            acc = accuracy(model, xte, yte)
+            k = len(c["groups"])
+            row = {**c, "k": k, "bytes_per_image": k * T * d * 2, "params": count_params(model.params),
+                   "val_grid": {f"lr={lr:g},rank={rank}": None}, "chosen": {"lr": lr, "rank": rank}}
+        row.update({"test_acc": [acc], "mean": acc, "std": 0.0, "seconds": round(time.time() - ts, 1)})
+        _put(result, row)
+        print(_line(row), f"{row['seconds']:.0f}s", flush=True)
+        _save(result, path)  # incremental: a killed run keeps its finished rows
+    return result
+
+
 # ---- row 6: the NumPy trainer against the PyTorch twin ------------------------------------------------------
 
 
@@ -372,7 +484,8 @@ def plot() -> None:
 
     DOCS.mkdir(parents=True, exist_ok=True)
     titles = {"lite0": "EfficientNet-Lite0 (ImageNet) -> Fashion-MNIST, 1k-shot",
-              "vit": "test_vit (pretrained here on Fashion-MNIST) -> MNIST digits, 1k-shot"}
+              "vit": "test_vit (pretrained here on Fashion-MNIST) -> MNIST digits, 1k-shot",
+              "lite0_full": "EfficientNet-Lite0 (ImageNet) -> Fashion-MNIST, full training split"}
     for name, title in titles.items():
         path = OUT / f"{name}.json"
         if not path.is_file():
@@ -385,7 +498,8 @@ def plot() -> None:
                         textcoords="offset points", xytext=(6, 6 if i % 2 else -10), fontsize=8)
         ax.set_xscale("log")
         ax.set_xlabel("bytes per image shipped (fp16, log scale)")
-        ax.set_ylabel(f"test accuracy, % (mean +- std, {len(res['seeds'])} seeds)")
+        seeds = f"mean +- std, {len(res['seeds'])} seeds" if len(res["seeds"]) > 1 else f"seed {res['seeds'][0]}"
+        ax.set_ylabel(f"test accuracy, % ({seeds})")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -396,27 +510,32 @@ def plot() -> None:
 
 def table(name: str) -> str:
     res = json.loads((OUT / f"{name}.json").read_text())
-    lines = ["| row | groups | bytes/image | trainable params | chosen | test acc % (mean ± std) |",
+    one = len(res["seeds"]) == 1  # one seed: no std to show
+    acc_head = f"seed {res['seeds'][0]}" if one else "mean ± std"
+    lines = [f"| row | groups | bytes/image | trainable params | chosen | test acc % ({acc_head}) |",
              "|---|---|---:|---:|---|---|"]
     for r in res["rows"]:
         groups = ",".join("-".join(map(str, (g[0], g[-1]))) if len(g) > 1 else str(g[0]) for g in r["groups"])
         chosen = ", ".join(f"{k} {v:g}" for k, v in r["chosen"].items())
         if None in r["val_grid"].values():
             chosen += " (fixed, not searched)"
-        lines.append(f"| {r['row'][2:]} | {groups} | {r['bytes_per_image']:,} | {r['params']:,} | {chosen} | "
-                     f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} |")
+        acc = f"{100 * r['mean']:.2f}" + ("" if one else f" ± {100 * r['std']:.2f}")
+        lines.append(f"| {r['row'][2:]} | {groups} | {r['bytes_per_image']:,} | {r['params']:,} | {chosen} | {acc} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="MIST accuracy study (issue 6)")
-    p.add_argument("what", choices=["extract", "study", "twin", "plot", "table"])
-    p.add_argument("backbone", nargs="?", choices=["lite0", "vit"], default="lite0")
+    p.add_argument("what", choices=["extract", "study", "full", "twin", "plot", "table"])
+    p.add_argument("backbone", nargs="?", choices=["lite0", "vit", "lite0_full"], default="lite0")
+    p.add_argument("--probe-iter", type=int, default=300, help="full: lbfgs iterations of the linear probe")
+    p.add_argument("--rows", type=int, default=None, help="full: train on the first ROWS extracted images only")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--lr", type=float, nargs="+", default=[1e-3, 3e-3])
     p.add_argument("--rank", type=int, nargs="+", default=[16, 32])
     p.add_argument("--epochs", type=int, default=RECIPE["epochs"])
-    p.add_argument("--only", nargs="*", help="run only rows whose name contains one of these")
+    p.add_argument("--only", nargs="*", help="run only rows whose name contains one of these (full: exact row "
+                   "names without the number, e.g. 'Gather* k=1', run in the order given)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--twin-lr", type=float, default=1e-3)
     p.add_argument("--twin-rank", type=int, default=32)
@@ -427,6 +546,8 @@ def main(argv: list[str] | None = None) -> int:
         extract(study, a.threads)
     elif a.what == "study":
         run_study(study, a.seeds, a.lr, a.rank, a.epochs, a.only)
+    elif a.what == "full":
+        run_full(studies()["lite0_full"], studies()["lite0"], a.seeds[0], a.epochs, a.only, a.rows, a.probe_iter)
     elif a.what == "twin":
         run_twin(study, a.seeds[0], a.twin_lr, a.twin_rank, a.epochs)
     elif a.what == "plot":
