@@ -61,6 +61,15 @@ def split_rows(fs: FeatureSet, val_split: float, seed: int) -> tuple[np.ndarray,
     return np.setdiff1d(labelled, val_rows), val_rows
 
 
+def read_finite(fs: FeatureSet, rows: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Features of ``rows``, refusing NaN or inf: a corrupt map would otherwise become silent garbage."""
+    x = fs.read(rows, dtype=dtype)
+    finite = np.isfinite(x).reshape(len(rows), -1).all(axis=1)
+    if not finite.all():
+        raise TrainingError(f"{fs.directory}: non-finite values in the features of rows {rows[~finite][:5].tolist()}")
+    return x
+
+
 def evaluate_rows(model: LAE, fs: FeatureSet, rows: np.ndarray, batch_size: int = 128,
                   label_smoothing: float = 0.0) -> dict[str, Any]:
     """Forward over ``rows`` in batches; return loss, accuracy, predictions and logits."""
@@ -69,9 +78,7 @@ def evaluate_rows(model: LAE, fs: FeatureSet, rows: np.ndarray, batch_size: int 
     logits_all, loss_sum = [], 0.0
     for begin in range(0, len(rows), batch_size):
         pick = rows[begin:begin + batch_size]
-        x = fs.read(pick, dtype=model.dtype)
-        if not np.isfinite(x).all():
-            raise TrainingError(f"{fs.directory}: non-finite values in the features of rows {pick[0]}..{pick[-1]}")
+        x = read_finite(fs, pick, model.dtype)
         logits = model.forward(x, keep_cache=False)
         labels = fs.labels[pick]
         if np.all(labels >= 0):
@@ -202,10 +209,7 @@ class Trainer:
             images = 0
             for b in progress(batches, epoch) if progress else batches:
                 rows = order[b * opts.batch_size:(b + 1) * opts.batch_size]
-                x, y = self.train_set.read(rows, dtype=dtype), self.train_set.labels[rows]
-                if not np.isfinite(x).all():
-                    raise TrainingError(f"{self.train_set.directory}: non-finite values in features of rows "
-                                        f"{rows[~np.isfinite(x).reshape(len(rows), -1).all(1)][:5].tolist()}")
+                x, y = read_finite(self.train_set, rows, dtype), self.train_set.labels[rows]
                 with np.errstate(over="ignore", invalid="ignore"):  # non-finite results are caught just below
                     loss, grads, logits = loss_and_grads(self.model, x, y, opts.label_smoothing)
                 if not math.isfinite(loss):
