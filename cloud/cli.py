@@ -5,53 +5,35 @@ torch and timm are imported inside the commands, so ``--help`` and ``--version``
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import click
 
+from mist.device.cli_common import CONTEXT, one_line_errors, os_error_message, package_version
+
 from .errors import CloudError
-
-CONTEXT = {"auto_envvar_prefix": "MIST", "show_default": True, "help_option_names": ["-h", "--help"]}
-
-
-def _version() -> str:
-    try:
-        return version("mist-tuning")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _log(message: str) -> None:
     click.echo(message, err=True)
 
 
-class _OneLineErrors(click.Group):
-    """Bad flags, data, weights or feature sets end in one line on stderr and exit status 1."""
+def _user_error_message(e: Exception) -> str | None:
+    """Bad flags, data, weights or feature sets: one line. Anything else is a bug and keeps its traceback."""
+    from mist.formats import FormatError
 
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.Abort):
-            raise
-        except KeyboardInterrupt:
-            raise click.ClickException("interrupted; rerun the same command to resume") from None
-        except Exception as e:
-            from mist.formats import FormatError
-
-            if isinstance(e, (CloudError, FormatError)):
-                raise click.ClickException(str(e)) from None
-            if isinstance(e, ImportError) and (e.name or "").split(".")[0] in ("torch", "timm", "torchvision"):
-                raise click.ClickException(f"mist-cloud needs the [cloud] extra ({e.name} is not installed): "
-                                           "pip install 'mist-tuning[cloud]'") from None
-            if isinstance(e, OSError):
-                where = f"{e.filename}: " if e.filename else ""
-                raise click.ClickException(f"{where}{e.strerror or e}") from None
-            raise
+    if isinstance(e, (CloudError, FormatError)):
+        return str(e)
+    if isinstance(e, ImportError) and (e.name or "").split(".")[0] in ("torch", "timm", "torchvision"):
+        return f"mist-cloud needs the [cloud] extra ({e.name} is not installed): pip install 'mist-tuning[cloud]'"
+    if isinstance(e, OSError):
+        return os_error_message(e)
+    return None
 
 
-@click.group(cls=_OneLineErrors, context_settings=CONTEXT)
-@click.version_option(_version(), prog_name="mist-cloud")
+@click.group(cls=one_line_errors(_user_error_message, interrupted="interrupted; rerun the same command to resume"),
+             context_settings=CONTEXT)
+@click.version_option(package_version(), prog_name="mist-cloud")
 def main() -> None:
     """MIST on the cloud: a frozen timm backbone turns images into Gather* summed features.
 

@@ -8,21 +8,12 @@ from __future__ import annotations
 
 import json
 import sys
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import click
 
+from .cli_common import CONTEXT, one_line_errors, os_error_message, package_version
 from .threads import set_blas_threads
-
-CONTEXT = {"auto_envvar_prefix": "MIST", "show_default": True, "help_option_names": ["-h", "--help"]}
-
-
-def _version() -> str:
-    try:
-        return version("mist-tuning")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _open_set(path: str, verify: bool = False):
@@ -44,21 +35,6 @@ def _threads_option(f):
                         is_eager=True, help="BLAS threads (a Raspberry Pi: 1-4). Default: the BLAS default.")(f)
 
 
-class _OneLineErrors(click.Group):
-    """Bad files, bad data and full disks end in one line on stderr and exit status 1, never a traceback."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.Abort):
-            raise
-        except Exception as e:
-            message = _user_error_message(e)
-            if message is None:
-                raise
-            raise click.ClickException(message) from None
-
-
 def _user_error_message(e: Exception) -> str | None:
     # Imported here, not at the top: mist.formats loads NumPy, which must wait for --threads.
     from mist.formats import FormatError
@@ -67,14 +43,13 @@ def _user_error_message(e: Exception) -> str | None:
 
     if isinstance(e, (FormatError, TrainingError)):
         return str(e)
-    if isinstance(e, OSError) and not isinstance(e, click.ClickException):
-        where = f"{e.filename}: " if e.filename else ""
-        return f"{where}{e.strerror or e}"
+    if isinstance(e, OSError):
+        return os_error_message(e)
     return None
 
 
-@click.group(cls=_OneLineErrors, context_settings=CONTEXT)
-@click.version_option(_version(), prog_name="mist-device")
+@click.group(cls=one_line_errors(_user_error_message), context_settings=CONTEXT)
+@click.version_option(package_version(), prog_name="mist-device")
 def main() -> None:
     """MIST on the device: train a NumPy low-rank attention adaptor (LAE) on summed backbone features.
 
