@@ -15,13 +15,15 @@ EXPECTED = {"lite0": ["1 linear probe", "2 last layer", "3 Gather* k=1", "3 Gath
             "vit": ["1 linear probe", "2 last layer", "3 Gather* k=1", "3 Gather* k=1 mean", "4 Gather* k=2",
                     "4 Gather* k=3", "5 all layers (k=7)"]}
 EXPECTED["lite0_full"] = EXPECTED["lite0"]
+EXPECTED["vit12"] = EXPECTED["vit"][:-1] + ["5 all layers (k=13)"]
+TABLES = (("lite0", "LITE0_TABLE"), ("vit", "VIT_TABLE"), ("vit12", "VIT12_TABLE"), ("lite0_full", "LITE0_FULL_TABLE"))
 
 
 def main() -> None:
     import json
 
     text = DOC.read_text()
-    for name, tag in (("lite0", "LITE0_TABLE"), ("vit", "VIT_TABLE"), ("lite0_full", "LITE0_FULL_TABLE")):
+    for name, tag in TABLES:
         if not (accuracy.OUT / f"{name}.json").is_file():
             continue
         done = {r["row"] for r in json.loads((accuracy.OUT / f"{name}.json").read_text())["rows"]}

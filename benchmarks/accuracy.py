@@ -66,12 +66,13 @@ class Study:
     probe_pool: str  # "mean" over tokens or "cls" (token 0)
 
 
-def vit_weights() -> Path:
+def vit_weights(depth: int = 6) -> Path:
     cache = Path(os.environ.get("MIST_CACHE") or Path.home() / ".cache" / "mist") / "vit-fmnist"
-    for p in (cache / "vit_fmnist.safetensors", REPO / "benchmarks" / "weights" / "vit_fmnist.safetensors"):
+    name = "vit_fmnist.safetensors" if depth == 6 else f"vit_fmnist_d{depth}.safetensors"
+    for p in (cache / name, REPO / "benchmarks" / "weights" / name):
         if p.is_file():
             return p
-    raise SystemExit("no ViT weights: run benchmarks/pretrain_vit.py first")
+    raise SystemExit(f"no ViT weights: run benchmarks/pretrain_vit.py --depth {depth} first")
 
 
 def studies() -> dict[str, Study]:
@@ -83,14 +84,20 @@ def studies() -> dict[str, Study]:
                        ["--data", "fashion-mnist", "--split", "train", "--per-class", "100", "--seed", "0"],
                        ["--data", "fashion-mnist", "--split", "test", "--limit", "2000", "--seed", "0"],
                        [12, 13, 14, 15], "17", "mean"),
-        # Setting (b): the whole 60k training split, stored layers in fp16; the test sets are lite0's.
+        # Setting (b): the whole 60k training split and the whole 10k test split, stored layers in fp16.
         "lite0_full": Study("lite0_full", ["--model", "tf_efficientnet_lite0", "--pretrained"],
-                            ["--data", "fashion-mnist", "--split", "train"], [],
+                            ["--data", "fashion-mnist", "--split", "train"],
+                            ["--data", "fashion-mnist", "--split", "test"],
                             [12, 13, 14, 15], "17", "mean"),
         # test_vit pretrained here on Fashion-MNIST (benchmarks/pretrain_vit.py), adapted to MNIST digits.
         "vit": Study("vit", ["--model", "test_vit", "--img-size", "64", "--weights", "<vit>"],
                      ["--data", str(mnist / "train")], ["--data", str(mnist / "test")],
                      [0, 1, 2, 3, 4, 5, 6], "6", "cls"),
+        # The same ViT with 12 blocks (13 taps z_0..z_12), so Gather* k=1 ships 1/13 of the all-layers bytes.
+        "vit12": Study("vit12", ["--model", "test_vit", "--img-size", "64", "--model-kwargs", '{"depth": 12}',
+                                 "--weights", "<vit12>"],
+                       ["--data", str(mnist / "train")], ["--data", str(mnist / "test")],
+                       list(range(13)), "12", "cls"),
     }
 
 
@@ -114,15 +121,16 @@ def write_mnist(root: Path, per_class: int = 100, seed: int = 0) -> None:
 
 
 def extract(study: Study, threads: int) -> None:
-    if study.name == "vit":
+    if study.name.startswith("vit"):
         write_mnist(OUT / "mnist")
-    model = [vit_weights().as_posix() if a == "<vit>" else a for a in study.model_args]
+    weights = {"<vit>": lambda: vit_weights(6), "<vit12>": lambda: vit_weights(12)}
+    model = [weights[a]().as_posix() if a in weights else a for a in study.model_args]
     layers = ",".join(map(str, study.layers))
     jobs = [("train", study.train_data, layers, "float32"), ("test", study.test_data, layers, "float32"),
             ("train_probe", study.train_data, study.probe_layer, "float16"),
             ("test_probe", study.test_data, study.probe_layer, "float16")]
-    if study.name == "lite0_full":  # one pass, fp16; the test sets and the probe come from elsewhere
-        jobs = [("train", study.train_data, layers, "float16")]
+    if study.name == "lite0_full":  # fp16 (9 GB in fp32); the probe's head is recomputed from layer 15
+        jobs = [("train", study.train_data, layers, "float16"), ("test", study.test_data, layers, "float16")]
     for tag, data, groups, dtype in jobs:
         out = OUT / study.name / tag
         cmd = [CLI, "extract", *model, *data, "--groups", groups, "--scale", "none", "--dtype", dtype,
@@ -158,6 +166,9 @@ def configs(study: Study) -> list[dict]:
     if n >= 3:
         rows.append({"row": "4 Gather* k=3", "groups": split(3), "scale": "none"})
     rows.append({"row": f"5 all layers (k={n})", "groups": [[x] for x in L], "scale": "none"})
+    # The sum with as many adaptor blocks as the all-layers row has: the same trainable parameters, so the two
+    # differ only in what is shipped (one summed map against every layer). The paper leaves the block count open.
+    rows.append({"row": f"3 Gather* k=1 mean, {n} blocks", "groups": [L], "scale": "mean", "blocks_per_group": n})
     return rows
 
 
@@ -178,11 +189,12 @@ def gather(per_layer: np.ndarray, layers: list[int], groups: list[list[int]], sc
 RECIPE = dict(epochs=30, batch_size=32, weight_decay=1e-4, warmup_epochs=3.0, label_smoothing=0.1, grad_clip=1.0)
 
 
-def make_cfg(x: np.ndarray, rank: int, pool: str = "mean"):
+def make_cfg(x: np.ndarray, rank: int, blocks_per_group: int = 1, pool: str = "mean"):
     from mist.device.lae import LAEConfig
 
     _, k, T, d = x.shape
-    return LAEConfig(dim=d, tokens=T, groups=k, num_classes=10, rank=rank, heads=4, pool=pool)
+    return LAEConfig(dim=d, tokens=T, groups=k, num_classes=10, rank=rank, heads=4, pool=pool,
+                     blocks_per_group=blocks_per_group)
 
 
 def train_numpy(x, y, cfg, lr: float, seed: int, recipe: dict = RECIPE, record_first: bool = False):
@@ -221,29 +233,35 @@ def split_80_20(y: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def linear_probe(study: Study, seeds: list[int]) -> dict:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
     xtr, ytr, _ = load(study, "train_probe")
     xte, yte, man = load(study, "test_probe")
     pool = (lambda a: a[:, 0].mean(1)) if study.probe_pool == "mean" else (lambda a: a[:, 0, 0])
     ftr, fte = pool(xtr), pool(xte)
-    tr, va = split_80_20(ytr)
-    grid = {}
-    for C in (0.01, 0.1, 1.0, 10.0):
-        sc = StandardScaler().fit(ftr[tr])
-        clf = LogisticRegression(C=C, max_iter=2000).fit(sc.transform(ftr[tr]), ytr[tr])
-        grid[str(C)] = float(clf.score(sc.transform(ftr[va]), ytr[va]))
-    best = max(grid, key=grid.get)
-    sc = StandardScaler().fit(ftr)
-    clf = LogisticRegression(C=float(best), max_iter=2000).fit(sc.transform(ftr), ytr)
-    acc = float(clf.score(sc.transform(fte), yte))
+    grid, C, acc, _ = fit_probe(ftr, ytr, fte, yte, max_iter=2000)
     d = ftr.shape[1]
     return {"row": "1 linear probe", "groups": [[int(study.probe_layer)]], "scale": "none",
             "features": f"{study.probe_pool}-pooled layer {study.probe_layer}, {d}-d",
-            "bytes_per_image": d * 2, "params": d * 10 + 10, "val_grid": grid, "chosen": {"C": float(best)},
+            "bytes_per_image": d * 2, "params": d * 10 + 10, "val_grid": grid, "chosen": {"C": C},
             "test_acc": [acc] * len(seeds), "mean": acc, "std": 0.0,
             "note": "deterministic (lbfgs): identical for every seed"}
+
+
+def fit_probe(ftr: np.ndarray, ytr: np.ndarray, fte: np.ndarray, yte: np.ndarray, max_iter: int):
+    """Logistic regression on standardised features: C chosen on the 80/20 split, then refit on all of ftr.
+    Returns (validation grid, chosen C, test accuracy, lbfgs iterations of the final fit)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    tr, va = split_80_20(ytr)
+    grid = {}
+    for C in (0.001, 0.01, 0.1, 1.0, 10.0, 100.0):
+        sc = StandardScaler().fit(ftr[tr])
+        clf = LogisticRegression(C=C, max_iter=max_iter).fit(sc.transform(ftr[tr]), ytr[tr])
+        grid[str(C)] = float(clf.score(sc.transform(ftr[va]), ytr[va]))
+    C = float(max(grid, key=grid.get))
+    sc = StandardScaler().fit(ftr)
+    clf = LogisticRegression(C=C, max_iter=max_iter).fit(sc.transform(ftr), ytr)
+    return grid, C, float(clf.score(sc.transform(fte), yte)), int(clf.n_iter_.max())
 
 
 def run_study(study: Study, seeds: list[int], grid_lr: list[float], grid_rank: list[int], epochs: int,
@@ -263,8 +281,9 @@ def run_study(study: Study, seeds: list[int], grid_lr: list[float], grid_rank: l
         if old.get("recipe") == recipe and old.get("seeds") == seeds:
             result["rows"] = old["rows"]
     if not only or any(o in "1 linear probe" for o in only):
-        _put(result, linear_probe(study, seeds))
-        print(_line(result["rows"][-1]), flush=True)
+        probe = linear_probe(study, seeds)
+        _put(result, probe)
+        print(_line(probe), flush=True)
     tr, va = split_80_20(ytr)
     for c in configs(study):
         if only and not any(o in c["row"] for o in only):
@@ -272,17 +291,18 @@ def run_study(study: Study, seeds: list[int], grid_lr: list[float], grid_rank: l
         ts = time.time()
         xtr = gather(xtr_all, study.layers, c["groups"], c["scale"])
         xte = gather(xte_all, study.layers, c["groups"], c["scale"])
+        blocks = c.get("blocks_per_group", 1)
         grid = {}
         for lr in grid_lr:
             for rank in grid_rank:
                 if len(grid_lr) * len(grid_rank) == 1:  # fixed hyperparameters: nothing to choose
                     grid[f"lr={lr:g},rank={rank}"] = None
                     continue
-                model, _ = train_numpy(xtr[tr], ytr[tr], make_cfg(xtr, rank), lr, seeds[0], recipe)
+                model, _ = train_numpy(xtr[tr], ytr[tr], make_cfg(xtr, rank, blocks), lr, seeds[0], recipe)
                 grid[f"lr={lr:g},rank={rank}"] = accuracy(model, xtr[va], ytr[va])
         best = max(grid, key=lambda key: grid[key] or 0.0)
         lr, rank = (float(best.split(",")[0][3:]), int(best.split(",")[1][5:]))
-        cfg = make_cfg(xtr, rank)
+        cfg = make_cfg(xtr, rank, blocks)
         accs = []
         for s in seeds:
             model, _ = train_numpy(xtr, ytr, cfg, lr, s, recipe)
@@ -321,15 +341,21 @@ class GatherView:
     """Stored layers (N, m, T, d), any dtype, seen as Gather* maps (N, k, T, d) in float32, one batch at a time:
     ``view[rows]`` sums the chosen rows' layers in float32, so only the fp16 stored layers sit in memory."""
 
-    def __init__(self, per_layer: np.ndarray, layers: list[int], groups: list[list[int]], scale: str):
+    def __init__(self, per_layer: np.ndarray, layers: list[int], groups: list[list[int]], scale: str,
+                 index: np.ndarray | None = None):
         self.per_layer, self.layers, self.groups, self.scale = per_layer, layers, groups, scale
-        self.shape = (len(per_layer), len(groups), *per_layer.shape[2:])
+        self.index = np.arange(len(per_layer)) if index is None else index
+        self.shape = (len(self.index), len(groups), *per_layer.shape[2:])
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def __getitem__(self, rows) -> np.ndarray:
-        return gather(self.per_layer[rows].astype(np.float32), self.layers, self.groups, self.scale)
+        return gather(self.per_layer[self.index[rows]].astype(np.float32), self.layers, self.groups, self.scale)
+
+    def subset(self, index: np.ndarray) -> GatherView:
+        """The same view over the rows ``index`` (e.g. the 80 % of an 80/20 split), without copying."""
+        return GatherView(self.per_layer, self.layers, self.groups, self.scale, self.index[index])
 
 
 def head_features(per_layer: np.ndarray, layers: list[int], bs: int = 500) -> np.ndarray:
@@ -350,66 +376,102 @@ def head_features(per_layer: np.ndarray, layers: list[int], bs: int = 500) -> np
     return np.concatenate(out)
 
 
-def run_full(study: Study, small: Study, seed: int, epochs: int, only: list[str] | None,
-             rows: int | None, probe_iter: int = 300) -> dict:
-    """Setting (b): train on the extracted 60k (or its first ``rows``), test on setting (a)'s 2,000 test images,
-    one seed, the hyperparameters setting (a) chose (runs/accuracy/lite0.json), no search."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
+def run_full(study: Study, small: Study, seeds: list[int], epochs: int, search_epochs: int, grid_lr: list[float],
+             grid_rank: list[int], only: list[str] | None, rows: int | None, probe_iter: int = 1000) -> dict:
+    """Setting (b): train on the extracted 60k (or its first ``rows``) and test on the whole 10k test split, both
+    stored as fp16 layers. Hyperparameters are chosen per row on an 80/20 split of the training images (seed 0),
+    with ``search_epochs`` epochs per candidate to fit the time; then each row trains ``epochs`` epochs on all
+    training images with every seed. The NumPy trainer (mist.device) does all the training."""
     from mist.device.lae import count_params
     from mist.formats import FeatureSet
 
-    recipe = {**RECIPE, "epochs": epochs, "warmup_epochs": min(RECIPE["warmup_epochs"], 0.5)}
+    def recipe_for(n_epochs: int) -> dict:  # 10% of the run as warm-up, then cosine decay
+        return {**RECIPE, "epochs": n_epochs, "warmup_epochs": 0.1 * n_epochs}
+
+    recipe = recipe_for(epochs)
     fs = FeatureSet(OUT / study.name / "train", allow_incomplete=True)  # a partial extraction: its whole shards
     n = min(rows or len(fs), len(fs))
     t0 = time.time()
     xtr_all = fs.read(np.arange(n), dtype=np.float16)  # 60k x 4 x 49 x 192 fp16 = 4.5 GB; summed in fp32 per batch
     ytr = np.asarray(fs.labels[:n], np.int64)
-    xte_all, yte, man = load(small, "test")  # setting (a)'s 2,000 test images, stored fp32
-    T, d = man.tokens, man.dim
-    print(f"{study.name}: train {xtr_all.shape} fp16 ({time.time() - t0:.0f}s), test {xte_all.shape}", flush=True)
-    chosen = {r["row"]: r["chosen"] for r in json.loads((OUT / f"{small.name}.json").read_text())["rows"]}
-    path = OUT / f"{study.name}.json"
+    test = FeatureSet(OUT / study.name / "test")
+    xte_all, yte = test.read(np.arange(len(test)), dtype=np.float16), np.asarray(test.labels, np.int64)
+    T, d = test.manifest.tokens, test.manifest.dim
+    print(f"{study.name}: train {xtr_all.shape} fp16, test {xte_all.shape} fp16 ({time.time() - t0:.0f}s)",
+          flush=True)
     result = {"backbone": study.name, "train_images": n, "train_extracted": len(fs), "extraction_complete":
               fs.manifest.complete, "train_class_counts": np.bincount(ytr, minlength=10).tolist(),
               "test_images": len(yte), "tokens": T, "dim": d, "layers": study.layers, "stored_dtype": "float16",
-              "recipe": recipe, "seeds": [seed], "rows": []}
-    if path.is_file():  # rows run earlier are kept when the data and recipe are the same
-        old = json.loads(path.read_text())
-        if all(old.get(key) == result[key] for key in ("train_images", "recipe", "seeds")):
-            result["rows"] = old["rows"]
+              "recipe": recipe, "search": {"split": "80/20 per class, seed 0", "recipe": recipe_for(search_epochs),
+                                           "lr": grid_lr, "rank": grid_rank}, "seeds": seeds}
+    tr, va = split_80_20(ytr)
 
     rows_by_name = {c["row"][2:]: c for c in [{"row": "1 linear probe"}, *configs(study)]}
     for name in only or list(rows_by_name):  # exact row names, run in the order given
         c, ts = rows_by_name[name], time.time()
         if name == "linear probe":
             ftr, fte = head_features(xtr_all, study.layers), head_features(xte_all, study.layers)
-            stored = load(small, "test_probe")[0][:, 0].mean(1)  # the extracted layer 17, for a check
-            C = chosen["1 linear probe"]["C"]
-            sc = StandardScaler().fit(ftr)
-            clf = LogisticRegression(C=C, max_iter=probe_iter).fit(sc.transform(ftr), ytr)
-            acc = float(clf.score(sc.transform(fte), yte))
+            # check the recomputed head against the extracted layer 17 of setting (a)'s test images
+            check = head_features(load(small, "test")[0], small.layers)
+            stored = load(small, "test_probe")[0][:, 0].mean(1)
+            grid, C, acc, iterations = fit_probe(ftr, ytr, fte, yte, probe_iter)
             row = {"row": "1 linear probe", "groups": [[17]], "scale": "none",
                    "features": f"mean-pooled layer 17, {ftr.shape[1]}-d, recomputed from stored layer 15",
-                   "head_check_max_abs_diff": float(np.abs(fte - stored).max()),
-                   "bytes_per_image": ftr.shape[1] * 2, "params": ftr.shape[1] * 10 + 10,
-                   "val_grid": {str(C): None}, "chosen": {"C": C}, "lbfgs_iterations": int(clf.n_iter_.max()),
-                   "lbfgs_max_iter": probe_iter}
+                   "head_check_max_abs_diff": float(np.abs(check - stored).max()),
+                   "bytes_per_image": ftr.shape[1] * 2, "params": ftr.shape[1] * 10 + 10, "val_grid": grid,
+                   "chosen": {"C": C}, "lbfgs_iterations": iterations, "lbfgs_max_iter": probe_iter,
+                   "test_acc": [acc] * len(seeds), "mean": acc, "std": 0.0,
+                   "note": "deterministic (lbfgs): identical for every seed"}
         else:
-            lr, rank = chosen[c["row"]]["lr"], chosen[c["row"]]["rank"]
             xtr = GatherView(xtr_all, study.layers, c["groups"], c["scale"])
-            xte = gather(xte_all, study.layers, c["groups"], c["scale"])
-            model, _ = train_numpy(xtr, ytr, make_cfg(xte, rank), lr, seed, recipe)
-            acc = accuracy(model, xte, yte)
+            xte = GatherView(xte_all, study.layers, c["groups"], c["scale"])
+            blocks = c.get("blocks_per_group", 1)
+            grid = {}
+            for lr in grid_lr:
+                for rank in grid_rank:
+                    if len(grid_lr) * len(grid_rank) == 1:  # fixed hyperparameters: nothing to choose
+                        grid[f"lr={lr:g},rank={rank}"] = None
+                        continue
+                    model, _ = train_numpy(xtr.subset(tr), ytr[tr], make_cfg(xte, rank, blocks), lr, seeds[0],
+                                           recipe_for(search_epochs))
+                    grid[f"lr={lr:g},rank={rank}"] = accuracy(model, xtr.subset(va), ytr[va])
+                    print(f"  {name} search lr={lr:g} rank={rank}: val {grid[f'lr={lr:g},rank={rank}']:.4f}",
+                          flush=True)
+            best = max(grid, key=lambda key: grid[key] or 0.0)
+            lr, rank = float(best.split(",")[0][3:]), int(best.split(",")[1][5:])
+            accs, secs = [], []
+            for seed in seeds:
+                t1 = time.time()
+                model, _ = train_numpy(xtr, ytr, make_cfg(xte, rank, blocks), lr, seed, recipe)
+                secs.append(round(time.time() - t1, 1))
+                accs.append(accuracy(model, xte, yte))
+                print(f"  {name} seed {seed}: test {accs[-1]:.4f} ({secs[-1]:.0f}s)", flush=True)
             k = len(c["groups"])
             row = {**c, "k": k, "bytes_per_image": k * T * d * 2, "params": count_params(model.params),
-                   "val_grid": {f"lr={lr:g},rank={rank}": None}, "chosen": {"lr": lr, "rank": rank}}
-        row.update({"test_acc": [acc], "mean": acc, "std": 0.0, "seconds": round(time.time() - ts, 1)})
-        _put(result, row)
+                   "val_grid": grid, "chosen": {"lr": lr, "rank": rank}, "test_acc": accs,
+                   "mean": float(np.mean(accs)), "std": float(np.std(accs)), "train_seconds_per_seed": secs}
+        row["seconds"] = round(time.time() - ts, 1)
         print(_line(row), f"{row['seconds']:.0f}s", flush=True)
-        _save(result, path)  # incremental: a killed run keeps its finished rows
+        _merge_row(OUT / f"{study.name}.json", result, row)  # incremental: a killed run keeps its finished rows
     return result
+
+
+def _merge_row(path: Path, result: dict, row: dict) -> None:
+    """Add one row to the JSON at ``path``, under a lock, keeping the rows other processes wrote for the same
+    data, recipe and seeds: setting (b) runs its rows in two processes, one per core."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        keep = [k for k in result if k != "rows"]
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        same = all(old.get(k) == result[k] for k in keep)
+        merged = {**result, "rows": old.get("rows", []) if same else []}
+        _put(merged, row)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(merged, indent=1) + "\n")
+        tmp.replace(path)
 
 
 # ---- row 6: the NumPy trainer against the PyTorch twin ------------------------------------------------------
@@ -485,6 +547,7 @@ def plot() -> None:
     DOCS.mkdir(parents=True, exist_ok=True)
     titles = {"lite0": "EfficientNet-Lite0 (ImageNet) -> Fashion-MNIST, 1k-shot",
               "vit": "test_vit (pretrained here on Fashion-MNIST) -> MNIST digits, 1k-shot",
+              "vit12": "test_vit, depth 12 (pretrained here on Fashion-MNIST) -> MNIST digits, 1k-shot",
               "lite0_full": "EfficientNet-Lite0 (ImageNet) -> Fashion-MNIST, full training split"}
     for name, title in titles.items():
         path = OUT / f"{name}.json"
@@ -527,8 +590,9 @@ def table(name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="MIST accuracy study (issue 6)")
     p.add_argument("what", choices=["extract", "study", "full", "twin", "plot", "table"])
-    p.add_argument("backbone", nargs="?", choices=["lite0", "vit", "lite0_full"], default="lite0")
-    p.add_argument("--probe-iter", type=int, default=300, help="full: lbfgs iterations of the linear probe")
+    p.add_argument("backbone", nargs="?", choices=["lite0", "vit", "vit12", "lite0_full"], default="lite0")
+    p.add_argument("--probe-iter", type=int, default=1000, help="full: lbfgs iterations of the linear probe")
+    p.add_argument("--search-epochs", type=int, default=3, help="full: epochs per hyperparameter candidate")
     p.add_argument("--rows", type=int, default=None, help="full: train on the first ROWS extracted images only")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--lr", type=float, nargs="+", default=[1e-3, 3e-3])
@@ -547,7 +611,8 @@ def main(argv: list[str] | None = None) -> int:
     elif a.what == "study":
         run_study(study, a.seeds, a.lr, a.rank, a.epochs, a.only)
     elif a.what == "full":
-        run_full(studies()["lite0_full"], studies()["lite0"], a.seeds[0], a.epochs, a.only, a.rows, a.probe_iter)
+        run_full(studies()["lite0_full"], studies()["lite0"], a.seeds, a.epochs, a.search_epochs, a.lr, a.rank, a.only,
+                 a.rows, a.probe_iter)
     elif a.what == "twin":
         run_twin(study, a.seeds[0], a.twin_lr, a.twin_rank, a.epochs)
     elif a.what == "plot":

@@ -164,3 +164,31 @@ def test_cloud_cli_without_torch_says_which_extra(tmp_path) -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 1
     assert "needs the [cloud] extra" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("stem, model_kwargs", [("vit_fmnist", {}), ("vit_fmnist_d12", {"depth": 12})])
+def test_committed_vit_weights_are_the_pretrained_classifiers(stem: str, model_kwargs: dict) -> None:
+    """benchmarks/weights/ holds ViTs pretrained here on Fashion-MNIST: loaded strictly through the cloud's own
+    file loader and fed by its own transform, they must classify real Fashion-MNIST test images, at the accuracy
+    their JSON record claims (measured on all 10k; 400 images here, so a margin of a few points)."""
+    import json
+
+    import numpy as np
+
+    from mist.cloud.backbones import make_transform
+    from mist.cloud.datasets import open_source
+
+    weights = Path(__file__).resolve().parents[1] / "benchmarks" / "weights" / f"{stem}.safetensors"
+    record = json.loads(weights.with_suffix(".json").read_text())
+    assert record.get("model_kwargs", {}) == model_kwargs
+    backbone = create_backbone("test_vit", "file", weights_file=str(weights), img_size=64,
+                               model_kwargs=model_kwargs, **QUIET)
+    assert backbone.weights_sha256  # loaded, not random
+    source = open_source("fashion-mnist", "test")
+    transform = make_transform(backbone.data_config)
+    rows = np.random.default_rng(0).choice(len(source), 400, replace=False)
+    with torch.no_grad():
+        images = torch.stack([transform(source.load(int(i))) for i in rows])
+        predicted = backbone.model(images).argmax(1).numpy()
+    accuracy = float(np.mean(predicted == np.asarray(source.labels)[rows]))
+    assert accuracy > record["test_acc"] - 0.05, (accuracy, record["test_acc"])
