@@ -9,7 +9,8 @@ shipped set is skipped here. Bytes per image are counted as shipped: fp16, k * T
 Rows, each on the same images, mean +- std over 3 seeds (seed = LAE init and shuffle order):
   1. linear probe (scikit-learn logistic regression) on pooled final features
   2. LAE on the last layer only
-  3. LAE on Gather* k=1, scale none and scale mean
+  3. LAE on Gather* k=1, scale none and scale mean; and scale mean with one adaptor block per layer (as many
+     blocks, so as many trainable parameters, as row 5 has)
   4. LAE on Gather* k=2 and k=3 (consecutive groups)
   5. LAE on every layer separately (one block per layer: the LAST/LST-style baseline)
   6. the NumPy trainer against the PyTorch twin (tests/torch_lae.py): same init, recipe, data order
@@ -21,15 +22,18 @@ each row is retrained on all 1000 images with 3 seeds and tested on a fixed test
     .venv/bin/python benchmarks/accuracy.py study lite0       # rows 1-5 -> runs/accuracy/lite0.json
     .venv/bin/python benchmarks/accuracy.py twin lite0        # row 6   -> runs/accuracy/lite0_twin.json
     .venv/bin/python benchmarks/accuracy.py plot              # docs/results/*.png from the JSON files
-(the same with ``vit`` for the Fashion-MNIST-pretrained ViT adapted to MNIST digits)
+(the same with ``vit`` or ``vit12`` for the ViTs pretrained here on Fashion-MNIST, depth 6 and 12, adapted to
+MNIST digits; ``benchmarks/pretrain_vit.py [--depth 12]`` makes their weights)
 
-Setting (b), the full Fashion-MNIST training split, Lite0 only (``lite0_full``): one extraction of layers 12-15
-in float16 (4.5 GB for 60k; read back in float16 and summed in float32 per batch), the 2,000-image test set of
-``lite0`` reused, the probe's head features recomputed from the stored layer 15 (blocks.6, conv_head, bn2), one
-seed and setting (a)'s chosen hyperparameters (no search):
+Setting (b), the full Fashion-MNIST splits, Lite0 only (``lite0_full``): layers 12-15 of all 60k training and
+all 10k test images, extracted once in float16 (4.5 GB + 0.75 GB; read back in float16 and summed in float32
+per batch). The probe's head features are recomputed from the stored layer 15 (blocks.6, conv_head, bn2).
+Hyperparameters are searched per row on an 80/20 split of the 60k with shorter runs (``--search-epochs``), then
+every row trains with 3 seeds. Rows can run in parallel processes (``--only``); each merges its row into the JSON:
 
     .venv/bin/python benchmarks/accuracy.py extract lite0_full
-    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/accuracy.py full --epochs 4   # -> runs/accuracy/lite0_full.json
+    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/accuracy.py full --epochs 10 --rank 32 \
+        --only "linear probe" "Gather* k=1"                                   # -> runs/accuracy/lite0_full.json
 """
 
 from __future__ import annotations
@@ -169,6 +173,8 @@ def configs(study: Study) -> list[dict]:
     # The sum with as many adaptor blocks as the all-layers row has: the same trainable parameters, so the two
     # differ only in what is shipped (one summed map against every layer). The paper leaves the block count open.
     rows.append({"row": f"3 Gather* k=1 mean, {n} blocks", "groups": [L], "scale": "mean", "blocks_per_group": n})
+    # Its control: the same adaptor on the last layer alone, so the gain of the sum is not the extra blocks'.
+    rows.append({"row": f"2 last layer, {n} blocks", "groups": [[L[-1]]], "scale": "none", "blocks_per_group": n})
     return rows
 
 
@@ -274,15 +280,12 @@ def run_study(study: Study, seeds: list[int], grid_lr: list[float], grid_rank: l
     T, d = man.tokens, man.dim
     print(f"{study.name}: train {xtr_all.shape}, test {xte_all.shape}", flush=True)
     path = OUT / f"{study.name}.json"
+    # rows run earlier (e.g. with --only, or by another process) are kept when data, recipe and seeds match
     result = {"backbone": study.name, "train_images": len(ytr), "test_images": len(yte), "tokens": T, "dim": d,
-              "layers": study.layers, "recipe": recipe, "seeds": seeds, "rows": []}
-    if path.is_file():  # rows run earlier (e.g. with --only) are kept unless rerun now
-        old = json.loads(path.read_text())
-        if old.get("recipe") == recipe and old.get("seeds") == seeds:
-            result["rows"] = old["rows"]
+              "layers": study.layers, "recipe": recipe, "seeds": seeds}
     if not only or any(o in "1 linear probe" for o in only):
         probe = linear_probe(study, seeds)
-        _put(result, probe)
+        _merge_row(path, result, probe)
         print(_line(probe), flush=True)
     tr, va = split_80_20(ytr)
     for c in configs(study):
@@ -311,11 +314,9 @@ def run_study(study: Study, seeds: list[int], grid_lr: list[float], grid_rank: l
         row = {**c, "k": k, "bytes_per_image": k * T * d * 2, "params": count_params(model.params),
                "val_grid": grid, "chosen": {"lr": lr, "rank": rank}, "test_acc": accs,
                "mean": float(np.mean(accs)), "std": float(np.std(accs)), "seconds": round(time.time() - ts, 1)}
-        _put(result, row)
+        _merge_row(path, result, row)  # incremental: a killed run keeps its finished rows
         print(_line(row), flush=True)
-        _save(result, path)  # incremental: a killed run keeps its finished rows
-    _save(result, path)
-    return result
+    return json.loads(path.read_text()) if path.is_file() else result
 
 
 def _put(result: dict, row: dict) -> None:
@@ -554,11 +555,12 @@ def plot() -> None:
         if not path.is_file():
             continue
         res = json.loads(path.read_text())
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for i, r in enumerate(res["rows"]):
-            ax.errorbar(r["bytes_per_image"], 100 * r["mean"], yerr=100 * r["std"], fmt="o", capsize=3)
-            ax.annotate(f"{r['row'][2:]} {100 * r['mean']:.1f}", (r["bytes_per_image"], 100 * r["mean"]),
-                        textcoords="offset points", xytext=(6, 6 if i % 2 else -10), fontsize=8)
+        fig, ax = plt.subplots(figsize=(8, 4.8))
+        markers = "osD^v<>PXh*"
+        for i, r in enumerate(res["rows"]):  # a legend, not labels on the points: several rows share the bytes
+            ax.errorbar(r["bytes_per_image"], 100 * r["mean"], yerr=100 * r["std"], fmt=markers[i % len(markers)],
+                        capsize=3, label=f"{r['row'][2:]}: {100 * r['mean']:.1f}")
+        ax.legend(fontsize=7, loc="lower right")
         ax.set_xscale("log")
         ax.set_xlabel("bytes per image shipped (fp16, log scale)")
         seeds = f"mean +- std, {len(res['seeds'])} seeds" if len(res["seeds"]) > 1 else f"seed {res['seeds'][0]}"
