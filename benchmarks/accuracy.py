@@ -270,9 +270,43 @@ def fit_probe(ftr: np.ndarray, ytr: np.ndarray, fte: np.ndarray, yte: np.ndarray
     return grid, C, float(clf.score(sc.transform(fte), yte)), int(clf.n_iter_.max())
 
 
+def search_and_train(xtr, ytr: np.ndarray, xte, yte: np.ndarray, split: tuple[np.ndarray, np.ndarray], blocks: int,
+                     grid_lr: list[float], grid_rank: list[int], seeds: list[int], recipe: dict, search_recipe: dict,
+                     bytes_per_map: int, log=lambda _m: None) -> dict:
+    """One LAE row: choose (lr, rank) on the split's validation part with seed 0's run, then train on all of
+    ``xtr`` with every seed and test. ``xtr``/``xte`` are arrays or GatherViews of (N, k, T, d) maps."""
+    from mist.device.lae import count_params
+
+    tr, va = split
+    subset = (lambda x, rows: x.subset(rows)) if isinstance(xtr, GatherView) else (lambda x, rows: x[rows])
+    grid = {}
+    for lr in grid_lr:
+        for rank in grid_rank:
+            key = f"lr={lr:g},rank={rank}"
+            if len(grid_lr) * len(grid_rank) == 1:  # fixed hyperparameters: nothing to choose
+                grid[key] = None
+                continue
+            model, _ = train_numpy(subset(xtr, tr), ytr[tr], make_cfg(xtr, rank, blocks), lr, seeds[0],
+                                   search_recipe)
+            grid[key] = accuracy(model, subset(xtr, va), ytr[va])
+            log(f"search {key}: val {grid[key]:.4f}")
+    best = max(grid, key=lambda key: grid[key] or 0.0)
+    lr, rank = float(best.split(",")[0][3:]), int(best.split(",")[1][5:])
+    accs, secs = [], []
+    for seed in seeds:
+        t0 = time.time()
+        model, _ = train_numpy(xtr, ytr, make_cfg(xtr, rank, blocks), lr, seed, recipe)
+        secs.append(round(time.time() - t0, 1))
+        accs.append(accuracy(model, xte, yte))
+        log(f"seed {seed}: test {accs[-1]:.4f} ({secs[-1]:.0f}s)")
+    k = xtr.shape[1]
+    return {"k": k, "bytes_per_image": k * bytes_per_map, "params": count_params(model.params), "val_grid": grid,
+            "chosen": {"lr": lr, "rank": rank}, "test_acc": accs, "mean": float(np.mean(accs)),
+            "std": float(np.std(accs)), "train_seconds_per_seed": secs}
+
+
 def run_study(study: Study, seeds: list[int], grid_lr: list[float], grid_rank: list[int], epochs: int,
               only: list[str] | None) -> dict:
-    from mist.device.lae import count_params
 
     recipe = {**RECIPE, "epochs": epochs}
     xtr_all, ytr, man = load(study, "train")
@@ -294,26 +328,9 @@ def run_study(study: Study, seeds: list[int], grid_lr: list[float], grid_rank: l
         ts = time.time()
         xtr = gather(xtr_all, study.layers, c["groups"], c["scale"])
         xte = gather(xte_all, study.layers, c["groups"], c["scale"])
-        blocks = c.get("blocks_per_group", 1)
-        grid = {}
-        for lr in grid_lr:
-            for rank in grid_rank:
-                if len(grid_lr) * len(grid_rank) == 1:  # fixed hyperparameters: nothing to choose
-                    grid[f"lr={lr:g},rank={rank}"] = None
-                    continue
-                model, _ = train_numpy(xtr[tr], ytr[tr], make_cfg(xtr, rank, blocks), lr, seeds[0], recipe)
-                grid[f"lr={lr:g},rank={rank}"] = accuracy(model, xtr[va], ytr[va])
-        best = max(grid, key=lambda key: grid[key] or 0.0)
-        lr, rank = (float(best.split(",")[0][3:]), int(best.split(",")[1][5:]))
-        cfg = make_cfg(xtr, rank, blocks)
-        accs = []
-        for s in seeds:
-            model, _ = train_numpy(xtr, ytr, cfg, lr, s, recipe)
-            accs.append(accuracy(model, xte, yte))
-        k = len(c["groups"])
-        row = {**c, "k": k, "bytes_per_image": k * T * d * 2, "params": count_params(model.params),
-               "val_grid": grid, "chosen": {"lr": lr, "rank": rank}, "test_acc": accs,
-               "mean": float(np.mean(accs)), "std": float(np.std(accs)), "seconds": round(time.time() - ts, 1)}
+        row = {**c, **search_and_train(xtr, ytr, xte, yte, (tr, va), c.get("blocks_per_group", 1), grid_lr,
+                                        grid_rank, seeds, recipe, recipe, T * d * 2)}
+        row["seconds"] = round(time.time() - ts, 1)
         _merge_row(path, result, row)  # incremental: a killed run keeps its finished rows
         print(_line(row), flush=True)
     return json.loads(path.read_text()) if path.is_file() else result
@@ -383,7 +400,6 @@ def run_full(study: Study, small: Study, seeds: list[int], epochs: int, search_e
     stored as fp16 layers. Hyperparameters are chosen per row on an 80/20 split of the training images (seed 0),
     with ``search_epochs`` epochs per candidate to fit the time; then each row trains ``epochs`` epochs on all
     training images with every seed. The NumPy trainer (mist.device) does all the training."""
-    from mist.device.lae import count_params
     from mist.formats import FeatureSet
 
     def recipe_for(n_epochs: int) -> dict:  # 10% of the run as warm-up, then cosine decay
@@ -426,31 +442,9 @@ def run_full(study: Study, small: Study, seeds: list[int], epochs: int, search_e
         else:
             xtr = GatherView(xtr_all, study.layers, c["groups"], c["scale"])
             xte = GatherView(xte_all, study.layers, c["groups"], c["scale"])
-            blocks = c.get("blocks_per_group", 1)
-            grid = {}
-            for lr in grid_lr:
-                for rank in grid_rank:
-                    if len(grid_lr) * len(grid_rank) == 1:  # fixed hyperparameters: nothing to choose
-                        grid[f"lr={lr:g},rank={rank}"] = None
-                        continue
-                    model, _ = train_numpy(xtr.subset(tr), ytr[tr], make_cfg(xte, rank, blocks), lr, seeds[0],
-                                           recipe_for(search_epochs))
-                    grid[f"lr={lr:g},rank={rank}"] = accuracy(model, xtr.subset(va), ytr[va])
-                    print(f"  {name} search lr={lr:g} rank={rank}: val {grid[f'lr={lr:g},rank={rank}']:.4f}",
-                          flush=True)
-            best = max(grid, key=lambda key: grid[key] or 0.0)
-            lr, rank = float(best.split(",")[0][3:]), int(best.split(",")[1][5:])
-            accs, secs = [], []
-            for seed in seeds:
-                t1 = time.time()
-                model, _ = train_numpy(xtr, ytr, make_cfg(xte, rank, blocks), lr, seed, recipe)
-                secs.append(round(time.time() - t1, 1))
-                accs.append(accuracy(model, xte, yte))
-                print(f"  {name} seed {seed}: test {accs[-1]:.4f} ({secs[-1]:.0f}s)", flush=True)
-            k = len(c["groups"])
-            row = {**c, "k": k, "bytes_per_image": k * T * d * 2, "params": count_params(model.params),
-                   "val_grid": grid, "chosen": {"lr": lr, "rank": rank}, "test_acc": accs,
-                   "mean": float(np.mean(accs)), "std": float(np.std(accs)), "train_seconds_per_seed": secs}
+            row = {**c, **search_and_train(xtr, ytr, xte, yte, (tr, va), c.get("blocks_per_group", 1), grid_lr,
+                                            grid_rank, seeds, recipe, recipe_for(search_epochs), T * d * 2,
+                                            log=lambda m, n=name: print(f"  {n} {m}", flush=True))}
         row["seconds"] = round(time.time() - ts, 1)
         print(_line(row), f"{row['seconds']:.0f}s", flush=True)
         _merge_row(OUT / f"{study.name}.json", result, row)  # incremental: a killed run keeps its finished rows
@@ -468,6 +462,8 @@ def _merge_row(path: Path, result: dict, row: dict) -> None:
         keep = [k for k in result if k != "rows"]
         old = json.loads(path.read_text()) if path.is_file() else {}
         same = all(old.get(k) == result[k] for k in keep)
+        if old and not same:  # other data, recipe or seeds: start a new table, but keep the old one beside it
+            path.replace(path.with_suffix(f".{int(time.time())}.json"))
         merged = {**result, "rows": old.get("rows", []) if same else []}
         _put(merged, row)
         tmp = path.with_suffix(".tmp")
