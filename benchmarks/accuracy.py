@@ -376,22 +376,25 @@ class GatherView:
         return GatherView(self.per_layer, self.layers, self.groups, self.scale, self.index[index])
 
 
-def head_features(per_layer: np.ndarray, layers: list[int], bs: int = 500) -> np.ndarray:
+def head_features(sets: list[tuple[np.ndarray, list[int]]], bs: int = 500) -> list[np.ndarray]:
     """Mean-pooled layer 17 (bn2, the 1280-d head) recomputed from the stored last stage-5 block (layer 15):
-    blocks.6 -> conv_head -> bn2 of the same Lite0 weights, so the head needs no second extraction pass."""
+    blocks.6 -> conv_head -> bn2 of the same Lite0 weights, so the head needs no second extraction pass.
+    ``sets`` are (stored layers, their layer numbers) pairs; the backbone is built once for all of them."""
     import torch
 
     from cloud.backbones import create_backbone
 
     model = create_backbone("tf_efficientnet_lite0", "pretrained", log=lambda *_: None).model
-    pos = layers.index(15)
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(per_layer), bs):
-            x = torch.from_numpy(per_layer[i:i + bs, pos].astype(np.float32))  # (B, 49, 192) tokens
-            x = x.transpose(1, 2).reshape(len(x), -1, 7, 7)  # back to NCHW
-            out.append(model.bn2(model.conv_head(model.blocks[6](x))).mean((2, 3)).numpy())
-    return np.concatenate(out)
+    features = []
+    for per_layer, layers in sets:
+        pos, out = layers.index(15), []
+        with torch.no_grad():
+            for i in range(0, len(per_layer), bs):
+                x = torch.from_numpy(per_layer[i:i + bs, pos].astype(np.float32))  # (B, 49, 192) tokens
+                x = x.transpose(1, 2).reshape(len(x), -1, 7, 7)  # back to NCHW
+                out.append(model.bn2(model.conv_head(model.blocks[6](x))).mean((2, 3)).numpy())
+        features.append(np.concatenate(out))
+    return features
 
 
 def run_full(study: Study, small: Study, seeds: list[int], epochs: int, search_epochs: int, grid_lr: list[float],
@@ -422,14 +425,15 @@ def run_full(study: Study, small: Study, seeds: list[int], epochs: int, search_e
               "recipe": recipe, "search": {"split": "80/20 per class, seed 0", "recipe": recipe_for(search_epochs),
                                            "lr": grid_lr, "rank": grid_rank}, "seeds": seeds}
     tr, va = split_80_20(ytr)
+    path = OUT / f"{study.name}.json"
 
     rows_by_name = {c["row"][2:]: c for c in [{"row": "1 linear probe"}, *configs(study)]}
     for name in only or list(rows_by_name):  # exact row names, run in the order given
         c, ts = rows_by_name[name], time.time()
         if name == "linear probe":
-            ftr, fte = head_features(xtr_all, study.layers), head_features(xte_all, study.layers)
-            # check the recomputed head against the extracted layer 17 of setting (a)'s test images
-            check = head_features(load(small, "test")[0], small.layers)
+            # check: the head recomputed for setting (a)'s test images against their extracted layer 17
+            ftr, fte, check = head_features([(xtr_all, study.layers), (xte_all, study.layers),
+                                             (load(small, "test")[0], small.layers)])
             stored = load(small, "test_probe")[0][:, 0].mean(1)
             grid, C, acc, iterations = fit_probe(ftr, ytr, fte, yte, probe_iter)
             row = {"row": "1 linear probe", "groups": [[17]], "scale": "none",
@@ -447,13 +451,13 @@ def run_full(study: Study, small: Study, seeds: list[int], epochs: int, search_e
                                             log=lambda m, n=name: print(f"  {n} {m}", flush=True))}
         row["seconds"] = round(time.time() - ts, 1)
         print(_line(row), f"{row['seconds']:.0f}s", flush=True)
-        _merge_row(OUT / f"{study.name}.json", result, row)  # incremental: a killed run keeps its finished rows
-    return result
+        _merge_row(path, result, row)  # incremental: a killed run keeps its finished rows
+    return json.loads(path.read_text()) if path.is_file() else result
 
 
 def _merge_row(path: Path, result: dict, row: dict) -> None:
     """Add one row to the JSON at ``path``, under a lock, keeping the rows other processes wrote for the same
-    data, recipe and seeds: setting (b) runs its rows in two processes, one per core."""
+    data, recipe and seeds, so one table's rows can run in several processes (one per core)."""
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
