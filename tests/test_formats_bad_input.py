@@ -28,8 +28,16 @@ def open_fails(directory: Path, names: Path | str, *fragments: str, verify: bool
     return message
 
 
-def header_length(path: Path) -> int:
-    return struct.unpack("<Q", path.read_bytes()[:8])[0]
+def forge_header(directory: Path, edit: Callable[[bytes], bytes]) -> Path:
+    """Write a small set, then replace its first shard's JSON header with ``edit(header)`` (the length prefix
+    follows the new header; the tensor bytes stay as they are)."""
+    small_set(directory)
+    path = shard_file(directory, 0)
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    forged = edit(data[8:8 + n])
+    path.write_bytes(struct.pack("<Q", len(forged)) + forged + data[8 + n:])
+    return path
 
 
 def replace_shard(directory: Path, index: int, features: np.ndarray, labels: np.ndarray,
@@ -95,34 +103,24 @@ def test_header_length_above_the_cap(tmp_path: Path) -> None:
 
 
 def test_header_that_is_not_json(tmp_path: Path) -> None:
-    small_set(tmp_path)
-    path = shard_file(tmp_path, 0)
-    data = path.read_bytes()
-    n = header_length(path)
-    path.write_bytes(data[:8] + b"\xff" + b"x" * (n - 1) + data[8 + n:])
+    path = forge_header(tmp_path, lambda header: b"\xff" + b"x" * (len(header) - 1))
     open_fails(tmp_path, path, "not valid JSON")
 
 
 def test_header_that_is_json_but_not_an_object(tmp_path: Path) -> None:
-    small_set(tmp_path)
-    path = shard_file(tmp_path, 0)
-    data = path.read_bytes()
-    n = header_length(path)
-    path.write_bytes(data[:8] + b"[1, 2]".ljust(n) + data[8 + n:])
+    path = forge_header(tmp_path, lambda header: b"[1, 2]".ljust(len(header)))
     open_fails(tmp_path, path, "not a JSON object")
 
 
 def test_header_offsets_outside_the_file(tmp_path: Path) -> None:
     # A hand-edited offset that still parses: the data region it names does not exist.
-    small_set(tmp_path)
-    path = shard_file(tmp_path, 0)
-    data = path.read_bytes()
-    n = header_length(path)
-    header = data[8:8 + n].decode()
-    # ids come first (16 int64 = 128 bytes): their [0, 128] becomes [0, 9128], past the end of the file.
-    forged = header.replace('"data_offsets":[0,', '"data_offsets":[0,9', 1).encode()
-    assert b'"ids":{"dtype":"I64","shape":[16],"data_offsets":[0,9128]}' in forged
-    path.write_bytes(struct.pack("<Q", len(forged)) + forged + data[8 + n:])
+    def move_ids_past_the_end(header: bytes) -> bytes:
+        # ids come first (16 int64 = 128 bytes): their [0, 128] becomes [0, 9128], past the end of the file.
+        forged = header.decode().replace('"data_offsets":[0,', '"data_offsets":[0,9', 1).encode()
+        assert b'"ids":{"dtype":"I64","shape":[16],"data_offsets":[0,9128]}' in forged
+        return forged
+
+    path = forge_header(tmp_path, move_ids_past_the_end)
     open_fails(tmp_path, path, "'ids'", "truncated")
 
 

@@ -37,6 +37,15 @@ def only_format_errors(call: Any, *args: Any) -> Any:
         return None
 
 
+def mutate(safetensors_bytes: bytes, flips: list[tuple[int, int]], cut: int | None) -> bytes:
+    """Set bytes within the 8-byte prefix and the JSON header, where parsing happens, then maybe truncate."""
+    (length,) = struct.unpack("<Q", safetensors_bytes[:8])
+    data = bytearray(safetensors_bytes)
+    for position, value in flips:
+        data[position % (length + 8)] = value
+    return bytes(data if cut is None else data[:cut])
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("fuzz")
@@ -115,15 +124,8 @@ def test_read_header_on_garbled_json(workdir: Path, header: dict, data: bytes, s
        cut=st.none() | st.integers(0, 10_000))
 def test_read_header_on_mutated_valid_shards(workdir: Path, valid_set: Path,
                                              flips: list[tuple[int, int]], cut: int | None) -> None:
-    original = shard_file(valid_set, 0).read_bytes()
-    (length,) = struct.unpack("<Q", original[:8])
-    data = bytearray(original)
-    for position, value in flips:  # mostly in the prefix and the JSON header, where parsing happens
-        data[position % (length + 8)] = value
-    if cut is not None:
-        data = data[:cut]
     path = workdir / "mutated.safetensors"
-    path.write_bytes(bytes(data))
+    path.write_bytes(mutate(shard_file(valid_set, 0).read_bytes(), flips, cut))
     only_format_errors(read_header, path)
 
 
@@ -218,14 +220,8 @@ def valid_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> bytes:
        cut=st.none() | st.integers(0, 10_000))
 def test_load_checkpoint_on_mutated_files(workdir: Path, valid_checkpoint: bytes,
                                           flips: list[tuple[int, int]], cut: int | None) -> None:
-    (length,) = struct.unpack("<Q", valid_checkpoint[:8])
-    data = bytearray(valid_checkpoint)
-    for position, value in flips:
-        data[position % (length + 8)] = value
-    if cut is not None:
-        data = data[:cut]
     path = workdir / "ckpt.safetensors"
-    path.write_bytes(bytes(data))
+    path.write_bytes(mutate(valid_checkpoint, flips, cut))
     only_format_errors(load_checkpoint, path)
 
 
