@@ -37,7 +37,7 @@ def sh(*cmd: str) -> float:
 def extract(args: argparse.Namespace, data: str, split: str, groups: str, out: Path, subset: list[str]) -> float:
     return sh("mist-cloud", "extract", "--model", args.model, *args.weights, "--data", data, "--split", split,
               "--groups", groups, "--out", str(out), "--seed", str(args.seed), "--threads", str(args.threads),
-              "--overwrite", *subset, *shlex.split(args.extract_args))
+              "--overwrite", *subset, *args.extract_args)
 
 
 def pooled(directory: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -83,10 +83,13 @@ def main() -> None:
     # spinning threads, which made steps 100x slower when the other core was busy (docs/device.md).
     p.add_argument("--device-threads", type=int, default=1, help="BLAS threads for device training")
     p.add_argument("--work", type=Path, default=Path("runs/main"))
-    p.add_argument("--extract-args", default="", help="more options for mist-cloud extract, as one string "
+    # shlex.split as the type: bad quoting is an argparse error (one line, exit 2), found before any work starts
+    p.add_argument("--extract-args", type=shlex.split, default=[],
+                   help="more options for mist-cloud extract, as one string "
                    "(e.g. \"--img-size 64 --model-kwargs '{\\\"depth\\\": 12}'\")")
-    p.add_argument("--train-args", default="", help="more options for the MIST mist-device train run, as one "
-                   "string (e.g. '--blocks-per-group 4 --lr 3e-3')")
+    p.add_argument("--train-args", type=shlex.split, default=[],
+                   help="more options for the MIST mist-device train run, as one string "
+                   "(e.g. '--blocks-per-group 4 --lr 3e-3')")
     args = p.parse_args()
     args.weights = [args.weights] if args.weights.startswith("--") else ["--weights", args.weights]
 
@@ -105,7 +108,7 @@ def main() -> None:
                                            check=True, capture_output=True, text=True).stdout)
         return seconds, report
 
-    t_train, report = train_and_evaluate("lae", *shlex.split(args.train_args))
+    t_train, report = train_and_evaluate("lae", *args.train_args)
     # The same trainer with no attention block: a linear probe on the very same summed features.
     t_flat, flat = train_and_evaluate("lae-no-attention", "--blocks-per-group", "0")
     probe = linear_probe(w / "train-probe", w / "test-probe", args.seed)
