@@ -84,8 +84,10 @@ def _weights_choice(pretrained: bool, weights: str | None, random_init: bool) ->
 @click.option("--split", type=click.Choice(["train", "test"]), default="train",
               help="Which Fashion-MNIST split; for other sources, only recorded in the manifest.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="The feature-set directory.")
-@click.option("--groups", default="all",
-              help="Gather* layer groups, each summed into one map: e.g. all, each, last, 12, 0-12, 0-6,7-12.")
+@click.option("--groups", default="auto",
+              help="Gather* layer groups, each summed into one map: auto (the longest run of layers of equal "
+                   "shape, valid for every model), all, each, last, 12, 0-12, 0-6,7-12. "
+                   "`mist-cloud info MODEL` lists the layers.")
 @click.option("--scale", type=click.Choice(["none", "mean"]), default="none",
               help="Divide each group's sum by its size (mean) or not.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", help="Storage dtype.")
@@ -99,6 +101,17 @@ def _weights_choice(pretrained: bool, weights: str | None, random_init: bool) ->
 @click.option("--per-class", type=int, default=None, help="Extract this many random images of each class.")
 @click.option("--seed", type=int, default=0, help="Seeds the subsets and --random-init.")
 @click.option("--img-size", type=int, default=None, help="Input size override (default: the model's).")
+@click.option("--crop-pct", type=float, default=None,
+              help="Fraction of the resized image the centre crop keeps; 1.0 keeps it all (default: the model's, "
+                   "e.g. 0.875 for Lite0). Recorded in the manifest.")
+@click.option("--crop-mode", type=click.Choice(["center", "squash", "border"]), default=None,
+              help="How the image is resized before the crop: center (shorter side, then crop), squash "
+                   "(both sides, no aspect kept) or border (fit, then pad). Default: the model's.")
+@click.option("--interpolation", type=click.Choice(["bilinear", "bicubic", "nearest"]), default=None,
+              help="Resize interpolation (default: the model's). Recorded in the manifest.")
+@click.option("--pool", type=click.Choice(["none", "mean", "cls"]), default="none",
+              help="Ship each summed map pooled to one token (T=1): the mean of its tokens, or the class token. "
+                   "A probe then ships d values per map instead of T x d.")
 @_MODEL_KWARGS
 @click.option("--overwrite", is_flag=True, help="Replace an existing set instead of resuming it.")
 @click.option("--device", default="cpu",
@@ -108,6 +121,7 @@ def _weights_choice(pretrained: bool, weights: str | None, random_init: bool) ->
 def extract(model: str, pretrained: bool, weights: str | None, random_init: bool, data: str, split: str,
             out: str, groups: str, scale: str, dtype: str, batch_size: int, workers: int, threads: int | None,
             shard_rows: int, limit: int | None, per_class: int | None, seed: int, img_size: int | None,
+            crop_pct: float | None, crop_mode: str | None, interpolation: str | None, pool: str,
             model_kwargs: dict | None,
             overwrite: bool, device: str, progress: str) -> None:
     """Extract Gather* features of --data through --model into the feature set --out.
@@ -122,6 +136,7 @@ def extract(model: str, pretrained: bool, weights: str | None, random_init: bool
         data=data, out=Path(out), split=split, groups=groups, scale=scale, dtype=dtype, batch_size=batch_size,
         workers=workers, threads=threads, shard_rows=shard_rows, limit=limit, per_class=per_class, seed=seed,
         overwrite=overwrite, img_size=img_size, model_kwargs=model_kwargs, device=device, progress=progress,
+        crop_pct=crop_pct, crop_mode=crop_mode, interpolation=interpolation, pool=pool,
     )
     run(cfg, log=_log)
 
@@ -160,6 +175,9 @@ def info(model: str, img_size: int | None, model_kwargs: dict | None) -> None:
         examples.append(format_groups(half))
     examples.append("each")
     click.echo("try: " + " | ".join(f"--groups {e}" for e in examples))
+    from .gather import auto_groups
+
+    click.echo(f"default: --groups auto = {format_groups(auto_groups([s.td for s in shapes]))}")
 
 
 def same_shape_runs(shapes: list[tuple[int, int]]) -> list[list[int]]:

@@ -23,7 +23,17 @@ from mist.formats.atomic import atomic_write_bytes
 from .backbones import create_backbone, make_transform
 from .datasets import ImageDataset, collate, dataset_record, open_source, select
 from .errors import CloudError
-from .gather import DTYPES, SCALES, check_group_shapes, finish, format_groups, parse_groups
+from .gather import (
+    DTYPES,
+    POOLS,
+    SCALES,
+    auto_groups,
+    check_group_shapes,
+    finish,
+    format_groups,
+    parse_groups,
+    pool_tokens,
+)
 from .taps import GroupTap, find_layers, probe, recipe_for
 
 SKIPPED_NAME = "skipped.txt"
@@ -38,7 +48,7 @@ class ExtractConfig:
     out: Path
     weights_file: str | None = None
     split: str = "train"
-    groups: str = "all"
+    groups: str = "auto"  # the longest run of equal (T, d): valid for every backbone
     scale: str = "none"
     dtype: str = "float16"
     batch_size: int = 16
@@ -54,6 +64,10 @@ class ExtractConfig:
     device: str = "cpu"  # "cuda", "cuda:N", or "auto"
     progress: str = "auto"  # "bar", "lines", "none"; "auto": a bar on a terminal, else lines
     log_every: float = 10.0  # seconds between progress lines off a terminal
+    crop_pct: float | None = None  # data-config overrides, recorded in the manifest's data_config
+    crop_mode: str | None = None
+    interpolation: str | None = None
+    pool: str = "none"  # "mean" or "cls": ship one pooled token per map (T=1)
 
 
 @dataclass
@@ -80,12 +94,21 @@ def extract(cfg: ExtractConfig, log: Log = print) -> ExtractResult:
 
     backbone = create_backbone(cfg.model, cfg.weights, cfg.weights_file, cfg.img_size, cfg.seed, log,
                                model_kwargs=cfg.model_kwargs)
+    backbone.data_config.update(_data_overrides(cfg))
     model = backbone.model
     layers = find_layers(model)
     shapes = probe(model, layers, backbone.data_config["input_size"])
-    groups = parse_groups(cfg.groups, len(layers))
+    if cfg.groups.strip().lower() == "auto":
+        groups = auto_groups([s.td for s in shapes])
+    else:
+        groups = parse_groups(cfg.groups, len(layers))
     tokens, dim = check_group_shapes(groups, [s.td for s in shapes], [la.name for la in layers])
     shape = shapes[groups[0][0]]
+    prefix, grid = shape.prefix, None if shape.grid is None else list(shape.grid)
+    if cfg.pool == "cls" and prefix < 1:
+        raise CloudError(f"--pool cls needs a class token, but {cfg.model}'s layers have none; use --pool mean")
+    if cfg.pool != "none":
+        tokens, prefix, grid = 1, 0, None
     device = _device(cfg.device)
     channels_last = recipe_for(model).layout == "NCHW"
     if channels_last:  # measured ~5x faster for EfficientNet-Lite0 on CPU (docs/cloud.md)
@@ -94,7 +117,7 @@ def extract(cfg: ExtractConfig, log: Log = print) -> ExtractResult:
 
     manifest = Manifest(
         backbone=backbone.describe(), groups=groups, scale=cfg.scale, tokens=tokens,
-        prefix_tokens=shape.prefix, grid=None if shape.grid is None else list(shape.grid), dim=dim,
+        prefix_tokens=prefix, grid=grid, dim=dim, pool=cfg.pool,
         dtype=cfg.dtype, data_config=backbone.data_config, classes=source.classes, split=cfg.split,
         dataset=dataset_record(source, cfg.split, ids, cfg.limit, cfg.per_class, cfg.seed),
         layer_names=[la.name for la in layers],
@@ -114,7 +137,8 @@ def extract(cfg: ExtractConfig, log: Log = print) -> ExtractResult:
     skips = _SkipList(Path(cfg.out) / SKIPPED_NAME, keep_through=last_id, describe=source.describe)
 
     log(f"extracting {len(pending)} images: {cfg.model}, groups {format_groups(groups)} "
-        f"(k={len(groups)}, T={tokens}, d={dim}), scale {cfg.scale}, {cfg.dtype} -> {cfg.out}")
+        f"(k={len(groups)}, T={tokens}, d={dim}), scale {cfg.scale}, "
+        + (f"pool {cfg.pool}, " if cfg.pool != "none" else "") + f"{cfg.dtype} -> {cfg.out}")
     loader = torch.utils.data.DataLoader(
         ImageDataset(source, pending, make_transform(backbone.data_config)), batch_size=cfg.batch_size,
         num_workers=cfg.workers, collate_fn=collate, shuffle=False)
@@ -127,7 +151,7 @@ def extract(cfg: ExtractConfig, log: Log = print) -> ExtractResult:
                 images = images.to(device, non_blocking=True)
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
-                features = finish(tap(images), groups, cfg.scale, cfg.dtype).cpu()
+                features = finish(pool_tokens(tap(images), cfg.pool), groups, cfg.scale, cfg.dtype).cpu()
                 writer.add(features.numpy(), labels.numpy(), row_ids.numpy())
                 written += len(row_ids)
                 progress.update(len(row_ids))
@@ -152,9 +176,20 @@ def _check(cfg: ExtractConfig) -> None:
         raise CloudError(f"--scale must be one of {SCALES}, got {cfg.scale!r}")
     if (cfg.weights == "file") != bool(cfg.weights_file):
         raise CloudError("--weights FILE goes with weights='file' only")
+    if cfg.pool not in POOLS:
+        raise CloudError(f"--pool must be one of {POOLS}, got {cfg.pool!r}")
+    if cfg.crop_pct is not None and not 0 < cfg.crop_pct <= 1:
+        raise CloudError(f"--crop-pct must lie in (0, 1], got {cfg.crop_pct}")
     for name, value in (("--limit", cfg.limit), ("--per-class", cfg.per_class), ("--img-size", cfg.img_size)):
         if value is not None and value < 1:
             raise CloudError(f"{name} must be >= 1, got {value}")
+
+
+def _data_overrides(cfg: ExtractConfig) -> dict:
+    """--crop-pct, --crop-mode, --interpolation replace the model's own preprocessing; the manifest's
+    data_config records the result, so the device's compatibility check still tells two such sets apart."""
+    overrides = {"crop_pct": cfg.crop_pct, "crop_mode": cfg.crop_mode, "interpolation": cfg.interpolation}
+    return {key: value for key, value in overrides.items() if value is not None}
 
 
 def _device(name: str) -> torch.device:

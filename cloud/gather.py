@@ -16,7 +16,8 @@ from .errors import CloudError
 SCALES = ("none", "mean")
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 GROUPS_HELP = ("comma-separated groups; each is an index '12', an inclusive range '0-12' or 'last'; "
-               "or 'all' (one group of every layer) or 'each' (every layer its own group)")
+               "or 'auto' (the longest run of equal shapes), 'all' (one group of every layer) or 'each' "
+               "(every layer its own group)")
 
 
 def parse_groups(spec: str, num_layers: int) -> list[list[int]]:
@@ -50,7 +51,7 @@ def _index(text: str, spec: str, last: int) -> int:
     if text == "last":
         return last
     if not text.isdigit():
-        raise CloudError(f"--groups {spec!r}: '{text}' is not a layer index, 'last', 'all' or 'each' "
+        raise CloudError(f"--groups {spec!r}: '{text}' is not a layer index, 'last', 'auto', 'all' or 'each' "
                          f"({GROUPS_HELP})")
     index = int(text)
     if index > last:
@@ -75,7 +76,8 @@ def check_group_shapes(groups: Sequence[Sequence[int]], shapes: Sequence[tuple[i
                        names: Sequence[str]) -> tuple[int, int]:
     """Every layer used by any group must share one (T, d): the stored tensor is (n, k, T, d).
 
-    Returns that (T, d); otherwise the error lists each distinct shape with the layers that have it.
+    Returns that (T, d); otherwise a short error lists the distinct shapes with the layers that have them
+    (the first few; a 20-layer CNN has a dozen shapes) and names a ``--groups`` that works.
     """
     used = sorted({i for g in groups for i in g})
     by_shape: dict[tuple[int, int], list[int]] = {}
@@ -83,12 +85,58 @@ def check_group_shapes(groups: Sequence[Sequence[int]], shapes: Sequence[tuple[i
         by_shape.setdefault(tuple(shapes[i]), []).append(i)
     if len(by_shape) == 1:
         return next(iter(by_shape))
-    listing = "; ".join(
-        f"(T={t}, d={d}): " + ", ".join(f"{i} ({names[i]})" for i in layers)
-        for (t, d), layers in by_shape.items()
-    )
-    raise CloudError(f"--groups {format_groups(groups)} mixes layers of different shapes, {listing}; "
-                     "every layer in every group needs the same (T, d) (see `mist-cloud info MODEL`)")
+    shown = list(by_shape.items())[:MAX_SHAPES_LISTED]
+    listing = "; ".join(f"(T={t}, d={d}): {_layers_text(layers, names)}" for (t, d), layers in shown)
+    if len(by_shape) > len(shown):
+        listing += f"; and {len(by_shape) - len(shown)} more shapes"
+    raise CloudError(f"--groups {format_groups(groups)} mixes layers of {len(by_shape)} different shapes, {listing}; "
+                     f"one group needs one (T, d): try --groups auto (here {format_groups(auto_groups(shapes))}), "
+                     "or see `mist-cloud info MODEL`")
+
+
+MAX_SHAPES_LISTED = 4
+
+
+def _layers_text(layers: list[int], names: Sequence[str]) -> str:
+    """[5, 6, 9] -> '5-6 (blocks.5..blocks.6), 9 (blocks.9)': runs of consecutive layers, each named once."""
+    runs: list[list[int]] = []
+    for i in layers:
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(f"{r[0]} ({names[r[0]]})" if len(r) == 1 else f"{r[0]}-{r[-1]} ({names[r[0]]}..{names[r[-1]]})"
+                     for r in runs)
+
+
+def auto_groups(shapes: Sequence[tuple[int, int]]) -> list[list[int]]:
+    """``--groups auto``: one group of the longest run of consecutive layers with equal (T, d), the later run
+    on a tie (deeper layers carry more task-relevant features). Valid for every backbone: on a ViT it is
+    every layer (``all``), on a CNN the deepest longest stage (Lite0: 12-15, stage 5)."""
+    if not shapes:
+        raise CloudError("the backbone has no tappable layers")
+    best_start, best_len, start = 0, 1, 0
+    for i in range(1, len(shapes) + 1):
+        if i == len(shapes) or tuple(shapes[i]) != tuple(shapes[start]):
+            if i - start >= best_len:
+                best_start, best_len = start, i - start
+            start = i
+    return [list(range(best_start, best_start + best_len))]
+
+
+POOLS = ("none", "mean", "cls")
+
+
+def pool_tokens(sums: torch.Tensor, pool: str) -> torch.Tensor:
+    """``--pool``: (B, k, T, d) -> (B, k, 1, d), the mean over all T tokens or the class token (token 0), so
+    a probe on pooled features ships d values per map instead of T x d. ``none`` keeps the tokens."""
+    if pool == "none":
+        return sums
+    if pool == "mean":
+        return sums.mean(dim=2, keepdim=True)
+    if pool == "cls":
+        return sums[:, :, :1]
+    raise CloudError(f"--pool must be one of {POOLS}, got {pool!r}")
 
 
 def finish(sums: torch.Tensor, groups: Sequence[Sequence[int]], scale: str, dtype: str) -> torch.Tensor:

@@ -294,6 +294,7 @@ def check_compatible(a: Manifest, b: Manifest, classes: bool = True) -> None:
         "backbone.weights_sha256": (a.backbone.get("weights_sha256"), b.backbone.get("weights_sha256")),
         "gather.groups": (a.groups, b.groups),
         "gather.scale": (a.scale, b.scale),
+        "gather.pool": (a.pool, b.pool),
         "tokens.count": (a.tokens, b.tokens),
         "tokens.prefix": (a.prefix_tokens, b.prefix_tokens),
         "tokens.grid": (a.grid, b.grid),

@@ -19,6 +19,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 STORAGE_DTYPES = ("float16", "float32")
 SCALES = ("none", "mean")
+POOLS = ("none", "mean", "cls")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class Manifest:
     rows: int = 0
     complete: bool = False
     layer_names: list[str] = field(default_factory=list)  # the backbone module behind each layer index
+    pool: str = "none"  # "mean" or "cls": the cloud shipped one pooled token per map (then tokens == 1)
 
     @property
     def k(self) -> int:
@@ -66,7 +68,9 @@ class Manifest:
             "format_version": FORMAT_VERSION,
             "backbone": dict(self.backbone),
             "gather": {"groups": [list(g) for g in self.groups], "scale": self.scale,
-                       "layer_names": list(self.layer_names)},
+                       "layer_names": list(self.layer_names),
+                       # only when pooled, so the layout fingerprint of every unpooled set stays as it was
+                       **({"pool": self.pool} if self.pool != "none" else {})},
             "tokens": {"count": self.tokens, "prefix": self.prefix_tokens,
                        "grid": None if self.grid is None else list(self.grid)},
             "dim": self.dim,
@@ -180,6 +184,9 @@ def _parse(obj: Any, source: str) -> Manifest:
     if scale not in SCALES:
         raise gather.fail("scale", f"must be one of {SCALES}, got {scale!r}")
     layer_names = gather.get("layer_names", list, default=[])
+    pool = gather.get("pool", str, default="none")
+    if pool not in POOLS:
+        raise gather.fail("pool", f"must be one of {POOLS}, got {pool!r}")
 
     tokens = top.sub("tokens")
     count = tokens.positive_int("count")
@@ -190,6 +197,8 @@ def _parse(obj: Any, source: str) -> Manifest:
     if grid is not None and (len(grid) != 2 or not all(isinstance(g, int) and g > 0 for g in grid)):
         raise tokens.fail("grid", "must be null or two positive integers")
 
+    if pool != "none" and count != 1:
+        raise tokens.fail("count", f"must be 1 for features pooled by the cloud (gather.pool {pool!r}), got {count}")
     dim = top.positive_int("dim")
     dtype = top.get("dtype", str)
     if dtype not in STORAGE_DTYPES:
@@ -221,5 +230,5 @@ def _parse(obj: Any, source: str) -> Manifest:
         backbone=dict(backbone.obj), groups=[list(g) for g in groups], scale=scale, tokens=count,
         prefix_tokens=prefix, grid=None if grid is None else list(grid), dim=dim, dtype=dtype,
         data_config=dict(data_config), classes=list(classes), split=split, dataset=dict(dataset),
-        shards=shards, rows=rows, complete=complete, layer_names=list(layer_names),
+        shards=shards, rows=rows, complete=complete, layer_names=list(layer_names), pool=pool,
     )

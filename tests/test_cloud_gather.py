@@ -55,7 +55,8 @@ def test_group_shapes_must_agree_across_the_set() -> None:
     with pytest.raises(CloudError) as err:
         check_group_shapes([[5, 6, 7]], shapes, names)
     text = str(err.value)
-    assert "(T=49, d=192): 5 (blocks.5), 6 (blocks.6)" in text and "(T=49, d=320): 7 (blocks.7)" in text
+    assert "(T=49, d=192): 5-6 (blocks.5..blocks.6)" in text and "(T=49, d=320): 7 (blocks.7)" in text
+    assert "try --groups auto (here 3-6)" in text
     # Two groups that are each uniform but differ from each other cannot share one (n, k, T, d) tensor.
     with pytest.raises(CloudError, match="different shapes"):
         check_group_shapes([[0, 1], [3, 4]], shapes, names)
