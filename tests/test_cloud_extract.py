@@ -125,7 +125,7 @@ def test_groups_of_different_shapes_are_refused(tmp_path: Path) -> None:
                                        "--groups", "4-6", "--workers", "0"])
     assert result.exit_code == 1
     line = result.output.strip().splitlines()[-1]
-    assert "mixes layers of different shapes" in line and "4 (blocks.3.0)" in line and "6 (bn2)" in line
+    assert "mixes layers of 3 different shapes" in line and "4 (blocks.3.0)" in line and "6 (bn2)" in line
 
 
 def test_progress_lines_off_a_terminal(tmp_path: Path) -> None:
