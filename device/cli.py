@@ -7,7 +7,6 @@ thread count through environment variables before NumPy loads.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -33,6 +32,12 @@ def _threads_option(f):
 
     return click.option("--threads", type=int, default=None, callback=apply, expose_value=False,
                         is_eager=True, help="BLAS threads (a Raspberry Pi: 1-4). Default: the BLAS default.")(f)
+
+
+def _progress_option(f):
+    return click.option("--progress", type=click.Choice(["auto", "bar", "lines", "none"]), default="auto",
+                        help="bar: a live bar on stderr (epoch k/N, running loss, lr, img/s); lines: log lines "
+                             "only; auto: a bar on a terminal, else lines.")(f)
 
 
 def _user_error_message(e: Exception) -> str | None:
@@ -130,20 +135,35 @@ def verify(feature_set: str) -> None:
 @click.option("--min-lr", type=click.FloatRange(0), default=0.0, help="Learning rate at the end of the cosine.")
 @click.option("--weight-decay", type=click.FloatRange(0), default=1e-4,
               help="Decoupled weight decay; not applied to norms and biases.")
-@click.option("--warmup", type=click.FloatRange(0), default=3.0, help="Linear warm-up length, in epochs.")
+@click.option("--warmup", type=click.FloatRange(0), default=None, metavar="EPOCHS",
+              help="Linear warm-up length in epochs; more than half the run is clamped, with a warning. "
+                   "Default: --warmup-fraction of the run.")
+@click.option("--warmup-fraction", type=click.FloatRange(0, 0.5), default=0.1,
+              help="Warm-up as a fraction of the run, when --warmup is not given.")
 @click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.1)
 @click.option("--grad-clip", type=click.FloatRange(0), default=1.0, help="Global gradient-norm clip; 0 disables.")
-@click.option("--seed", type=int, default=0, help="Fixes the initialisation, the shuffle and the val split.")
+@click.option("--seed", type=int, default=0,
+              help="Fixes the initialisation and the shuffle (and the val split, unless --val-seed).")
+@click.option("--val-seed", type=int, default=None,
+              help="Seeds the --val-split draw alone, so --seed can vary the initialisation on a fixed split. "
+                   "Default: --seed.")
 @click.option("--save-every", type=click.IntRange(0), default=0,
               help="Also save a resumable checkpoint every N steps within an epoch (0: epoch ends only).")
 @click.option("--resume", is_flag=True, help="Continue from RUN_DIR/last.safetensors with the same options.")
 @click.option("--overwrite", is_flag=True, help="Start again in a RUN_DIR that already holds a run.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the shards before training.")
+@_progress_option
+@click.option("--log-every", type=click.IntRange(0), default=0, metavar="N",
+              help="Also print a progress line every N steps (0: once per epoch), for long epochs.")
+@click.option("--step-metrics", is_flag=True,
+              help="Also append a per-step record ({\"kind\": \"step\", ...}) to RUN_DIR/metrics.jsonl, "
+                   "every step or every --log-every N.")
 @_threads_option
 def train(train_set: str, run_dir: str, val_set: str | None, val_split: float, rank: int, heads: int,
           blocks_per_group: int, pool: str, input_scale: float, epochs: int, batch_size: int, lr: float,
           min_lr: float, weight_decay: float, warmup: float, label_smoothing: float, grad_clip: float,
-          seed: int, save_every: int, resume: bool, overwrite: bool, no_verify: bool) -> None:
+          seed: int, save_every: int, resume: bool, overwrite: bool, no_verify: bool, warmup_fraction: float,
+          val_seed: int | None, progress: str, log_every: int, step_metrics: bool) -> None:
     """Train the LAE adaptor on TRAIN_SET, a feature set written by `mist-cloud extract`.
 
     Minibatches stream from the shards, so memory stays bounded whatever the set's size. Each epoch
@@ -166,8 +186,11 @@ def train(train_set: str, run_dir: str, val_set: str | None, val_split: float, r
         raise click.UsageError(str(e)) from None
     opts = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, weight_decay=weight_decay,
                         warmup_epochs=warmup, label_smoothing=label_smoothing, grad_clip=grad_clip, seed=seed,
-                        val_split=0.0 if val_fs is not None else val_split, save_every=save_every)
+                        val_split=0.0 if val_fs is not None else val_split, save_every=save_every,
+                        warmup_fraction=warmup_fraction, val_seed=val_seed)
     trainer = Trainer(run_dir, train_fs, val_fs, cfg, opts, log=click.echo)
+    if trainer.warmup_warning:
+        click.echo(f"warning: {trainer.warmup_warning}", err=True)
     from .lae import count_params
 
     click.echo(f"training LAE: k={cfg.groups} T={cfg.tokens} d={cfg.dim} rank={cfg.rank} heads={cfg.heads} "
@@ -175,13 +198,11 @@ def train(train_set: str, run_dir: str, val_set: str | None, val_split: float, r
                f"{len(trainer.train_rows)} train / {len(trainer.val_rows)} val rows")
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other")
-    summary = trainer.fit(resume=resume, overwrite=overwrite, progress=_progress if sys.stdout.isatty() else None)
+    from .progress import TrainProgress
+
+    bar = TrainProgress(trainer, progress, log_every=log_every, step_records=step_metrics, log=click.echo)
+    summary = trainer.fit(resume=resume, overwrite=overwrite, progress=bar)
     click.echo(f"done: {summary['steps']} steps in {summary['elapsed_s']:.1f}s; checkpoints in {run_dir}")
-
-
-def _progress(batches, epoch: int):
-    with click.progressbar(batches, label=f"epoch {epoch + 1}", show_pos=True) as bar:
-        yield from bar
 
 
 # ---- evaluate / predict / export --------------------------------------------------------------------------
@@ -223,34 +244,32 @@ def _check_set_against(ckpt, ckpt_path: Path, fs, classes: bool = True) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--batch-size", type=click.IntRange(1), default=128)
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the shards.")
+@_progress_option
 @_threads_option
-def evaluate(adaptor: str, test_set: str, as_json: bool, batch_size: int, no_verify: bool) -> None:
-    """Accuracy, per-class accuracy and confusion matrix of ADAPTOR (a run dir or checkpoint) on TEST_SET."""
-    import numpy as np
+def evaluate(adaptor: str, test_set: str, as_json: bool, batch_size: int, no_verify: bool, progress: str) -> None:
+    """Accuracy, per-class accuracy and confusion matrix of ADAPTOR (a run dir or checkpoint) on TEST_SET.
 
-    from .train import evaluate_rows
+    TEST_SET may hold a subset of the training classes (matched by name); a class the adaptor was not
+    trained on is refused, by name.
+    """
+    from .evaluation import evaluate_by_name
+    from .progress import rows_progress
 
     ckpt, model, path = _load_adaptor(adaptor)
     fs = _open_set(test_set, verify=not no_verify)
-    _check_set_against(ckpt, path, fs)
-    rows = np.nonzero(fs.labels >= 0)[0]
-    if len(rows) == 0:
-        raise click.ClickException(f"{test_set}: no labelled rows to evaluate on")
-    result = evaluate_rows(model, fs, rows, batch_size=batch_size)
-    C = len(ckpt.classes)
-    confusion = np.zeros((C, C), dtype=np.int64)
-    np.add.at(confusion, (result["labels"], result["predictions"]), 1)
-    per_class = (np.diag(confusion) / np.maximum(confusion.sum(1), 1)).tolist()
-    report = {"checkpoint": str(path), "test_set": test_set, "rows": int(len(rows)),
-              "accuracy": result["accuracy"], "loss": result["loss"], "classes": ckpt.classes,
-              "per_class_accuracy": dict(zip(ckpt.classes, per_class)), "confusion": confusion.tolist()}
+    _check_set_against(ckpt, path, fs, classes=False)
+    bar = rows_progress(int((fs.labels >= 0).sum()), progress, "evaluating", log=lambda m: click.echo(m, err=True))
+    report = {"checkpoint": str(path), "test_set": test_set,
+              **evaluate_by_name(model, ckpt.classes, fs, batch_size=batch_size, progress=bar)}
+    rows, per_class = range(report["rows"]), list(report["per_class_accuracy"].values())
+    confusion = report["confusion"]
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
     click.echo(f"accuracy {report['accuracy']:.4f} on {len(rows)} rows ({path})")
     width = max(len(c) for c in ckpt.classes)
     for c, a in zip(ckpt.classes, per_class):
-        click.echo(f"  {c:<{width}}  {a:.3f}")
+        click.echo(f"  {c:<{width}}  " + ("    -  (no test rows)" if a is None else f"{a:.3f}"))
     click.echo("confusion (rows: true, columns: predicted)")
     for c, row in zip(ckpt.classes, confusion):
         click.echo(f"  {c:<{width}}  " + " ".join(f"{v:5d}" for v in row))
@@ -264,9 +283,10 @@ def evaluate(adaptor: str, test_set: str, as_json: bool, batch_size: int, no_ver
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="Write here instead of stdout.")
 @click.option("--batch-size", type=click.IntRange(1), default=128)
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the shards.")
+@_progress_option
 @_threads_option
 def predict(adaptor: str, feature_set: str, top_k: int, fmt: str, output: str | None, batch_size: int,
-            no_verify: bool) -> None:
+            no_verify: bool, progress: str) -> None:
     """Predict a class for every row of FEATURE_SET (labelled or not) with ADAPTOR."""
     import numpy as np
 
@@ -276,7 +296,10 @@ def predict(adaptor: str, feature_set: str, top_k: int, fmt: str, output: str | 
     fs = _open_set(feature_set, verify=not no_verify)
     _check_set_against(ckpt, path, fs, classes=False)
     top_k = min(top_k, len(ckpt.classes))
-    logits = evaluate_rows(model, fs, np.arange(len(fs)), batch_size=batch_size)["logits"]
+    from .progress import rows_progress
+
+    bar = rows_progress(len(fs), progress, "predicting", log=lambda m: click.echo(m, err=True))
+    logits = evaluate_rows(model, fs, np.arange(len(fs)), batch_size=batch_size, progress=bar)["logits"]
     z = logits - logits.max(1, keepdims=True)
     probs = np.exp(z) / np.exp(z).sum(1, keepdims=True)
     top = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]

@@ -23,6 +23,7 @@ from mist.formats.atomic import atomic_write_bytes
 
 from .lae import LAE, LAEConfig, flops_per_image, init_params, loss_and_grads
 from .optim import AdamW, clip_grad_norm, lr_schedule
+from .schedule import warmup_steps
 
 LAST, BEST, METRICS = "last.safetensors", "best.safetensors", "metrics.jsonl"
 
@@ -38,12 +39,14 @@ class TrainOptions:
     lr: float = 1e-3
     min_lr: float = 0.0
     weight_decay: float = 1e-4
-    warmup_epochs: float = 3.0
+    warmup_epochs: float | None = None  # None: warmup_fraction of the run; more than half a run is clamped
+    warmup_fraction: float = 0.1
     label_smoothing: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
     val_split: float = 0.0
     save_every: int = 0  # also checkpoint every N steps inside an epoch (0: at epoch ends only)
+    val_seed: int | None = None  # seeds the --val-split draw; None: the same as seed
 
 
 def split_rows(fs: FeatureSet, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -71,12 +74,15 @@ def read_finite(fs: FeatureSet, rows: np.ndarray, dtype: np.dtype) -> np.ndarray
 
 
 def evaluate_rows(model: LAE, fs: FeatureSet, rows: np.ndarray, batch_size: int = 128,
-                  label_smoothing: float = 0.0) -> dict[str, Any]:
-    """Forward over ``rows`` in batches; return loss, accuracy, predictions and logits."""
+                  label_smoothing: float = 0.0, progress: Callable | None = None) -> dict[str, Any]:
+    """Forward over ``rows`` in batches; return loss, accuracy, predictions and logits.
+
+    ``progress(starts, batch_size)`` wraps the batch start offsets (a bar, see ``progress.py``)."""
     from .layers import softmax_cross_entropy
 
     logits_all, loss_sum = [], 0.0
-    for begin in range(0, len(rows), batch_size):
+    starts = range(0, len(rows), batch_size)
+    for begin in progress(starts, batch_size) if progress else starts:
         pick = rows[begin:begin + batch_size]
         x = read_finite(fs, pick, model.dtype)
         logits = model.forward(x, keep_cache=False)
@@ -126,14 +132,16 @@ class Trainer:
         self.cfg, self.opts, self.log = cfg, opts, log
         if len(train_set) == 0:
             raise TrainingError(f"{train_set.directory}: the training set is empty")
-        self.train_rows, self.val_rows = split_rows(train_set, opts.val_split, opts.seed)
+        split_seed = opts.seed if opts.val_seed is None else opts.val_seed
+        self.train_rows, self.val_rows = split_rows(train_set, opts.val_split, split_seed)
         if len(self.train_rows) == 0:
             raise TrainingError(f"{train_set.directory}: no labelled rows to train on")
         if val_set is not None:
             self.val_rows = np.nonzero(val_set.labels >= 0)[0]
         self.steps_per_epoch = math.ceil(len(self.train_rows) / opts.batch_size)
         self.total_steps = self.steps_per_epoch * opts.epochs
-        self.warmup_steps = int(round(opts.warmup_epochs * self.steps_per_epoch))
+        self.warmup_steps, self.warmup_warning = warmup_steps(opts.warmup_epochs, opts.warmup_fraction,
+                                                              self.steps_per_epoch, self.total_steps)
         self.model = LAE(cfg, init_params(cfg, opts.seed))
         self.optimizer = AdamW(self.model.params, lr=opts.lr, weight_decay=opts.weight_decay)
         self._truncate_metrics = False
@@ -169,8 +177,9 @@ class Trainer:
         if ckpt.feature_set.get("fingerprint") != self.train_set.fingerprint:
             raise FormatError(f"{path}: was trained on a different feature set than {self.train_set.directory}")
         saved = ckpt.train_state.get("options", {})
+        defaults = asdict(TrainOptions())  # an option added since the checkpoint was written had its default
         for key, value in asdict(self.opts).items():
-            if key != "save_every" and saved.get(key) != value:
+            if key != "save_every" and saved.get(key, defaults[key]) != value:
                 raise FormatError(f"{path}: was started with {key}={saved.get(key)!r}, now {value!r}; "
                                   "resume with the same options")
         if LAEConfig.from_dict(ckpt.config) != self.cfg:

@@ -1,0 +1,126 @@
+"""Training progress: a live bar on a terminal, periodic lines in a log, per-step records in metrics.jsonl.
+
+The trainer wraps each epoch's batch indices with ``progress(batches, epoch)``. This module's generator runs
+between two steps, when the previous step is complete, and reads the trainer's running sums: it adds no work
+to the step and needs no hook inside the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TextIO
+
+from .optim import lr_schedule
+
+MODES = ("auto", "bar", "lines", "none")
+BAR_WIDTH = 24
+REDRAW_S = 0.1  # a bar redrawn more often only costs terminal time
+
+
+def resolve_mode(mode: str, stream: TextIO, off_terminal: str = "lines") -> str:
+    """``auto``: a bar on a terminal, ``off_terminal`` otherwise (a log file, CI, a pipe)."""
+    if mode == "auto":
+        return "bar" if stream.isatty() else off_terminal
+    return mode
+
+
+class TrainProgress:
+    """``mode``: bar, lines or none. ``log_every`` N > 0 prints a line every N steps (bar and lines modes);
+    ``step_records`` appends a ``{"kind": "step", ...}`` record to metrics.jsonl every step (every N with
+    ``log_every``)."""
+
+    def __init__(self, trainer, mode: str, log_every: int = 0, step_records: bool = False,
+                 stream: TextIO | None = None, log: Callable[[str], None] = print):
+        self.trainer, self.log_every, self.step_records = trainer, log_every, step_records
+        self.stream = stream or sys.stderr
+        self.mode = resolve_mode(mode, self.stream)
+        self.log = log
+        self._drawn = 0.0
+
+    def __call__(self, batches: Iterable[int], epoch: int) -> Iterator[int]:
+        t = self.trainer
+        start, seen0 = time.perf_counter(), t.state["seen"]
+        before_loss, before_seen = t.state["loss_sum"], t.state["seen"]
+        for b in batches:
+            yield b
+            # The step for batch b is done: the trainer's sums include it.
+            s = t.state
+            batch_loss = (s["loss_sum"] - before_loss) / max(s["seen"] - before_seen, 1)
+            before_loss, before_seen = s["loss_sum"], s["seen"]
+            now = time.perf_counter()
+            info = {"epoch": epoch + 1, "batch": b + 1, "step": s["step"], "loss": batch_loss,
+                    "running_loss": s["loss_sum"] / max(s["seen"], 1), "lr": self._lr(s["step"] - 1),
+                    "images_per_s": (s["seen"] - seen0) / max(now - start, 1e-9)}
+            every = self.log_every and s["step"] % self.log_every == 0
+            if self.step_records and (every or not self.log_every):
+                self._record(info)
+            if every and self.mode != "none":
+                self._clear()
+                self.log(self._text(info, bar=False))
+            if self.mode == "bar" and (now - self._drawn >= REDRAW_S or b + 1 == t.steps_per_epoch):
+                self._drawn = now
+                self.stream.write("\r\x1b[K" + self._text(info, bar=True))
+                self.stream.flush()
+        self._clear()  # the trainer's epoch line takes the bar's place
+
+    def _lr(self, step: int) -> float:
+        t = self.trainer
+        return lr_schedule(step, t.total_steps, t.opts.lr, t.warmup_steps, t.opts.min_lr)
+
+    def _text(self, info: dict, bar: bool) -> str:
+        t = self.trainer
+        where = f"epoch {info['epoch']}/{t.opts.epochs}"
+        if bar:
+            filled = int(BAR_WIDTH * info["batch"] / t.steps_per_epoch)
+            where += f" [{'#' * filled}{'-' * (BAR_WIDTH - filled)}]"
+        else:
+            where += f"  step {info['step']}/{t.total_steps}"
+        return (f"{where} {info['batch']}/{t.steps_per_epoch}  loss {info['running_loss']:.4f}  "
+                f"lr {info['lr']:.2e}  {info['images_per_s']:.0f} img/s")
+
+    def _clear(self) -> None:
+        if self.mode == "bar" and self._drawn:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self._drawn = 0.0
+
+    def _record(self, info: dict) -> None:
+        from .train import METRICS
+
+        t = self.trainer
+        mode = "w" if t._truncate_metrics else "a"  # a fresh run replaces the old metrics at its first record
+        t._truncate_metrics = False
+        with open(t.run_dir / METRICS, mode) as f:
+            f.write(json.dumps({"kind": "step", **info}) + "\n")
+
+
+def rows_progress(total: int, mode: str, label: str, stream: TextIO | None = None,
+                  log: Callable[[str], None] = print) -> Callable[[Iterable[int], int], Iterator[int]]:
+    """For evaluate and predict: wrap the batch start offsets; a bar of rows done, or one line at the end.
+    Off a terminal ``auto`` shows nothing: their output is often piped into another program."""
+    stream = stream or sys.stderr
+    mode = resolve_mode(mode, stream, off_terminal="none")
+
+    def wrap(starts: Iterable[int], batch_size: int) -> Iterator[int]:
+        begin, drawn = time.perf_counter(), 0.0
+        for start in starts:
+            yield start
+            done = min(start + batch_size, total)
+            now = time.perf_counter()
+            if mode == "bar" and (now - drawn >= REDRAW_S or done == total):
+                drawn = now
+                filled = int(BAR_WIDTH * done / max(total, 1))
+                stream.write(f"\r\x1b[K{label} [{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {done}/{total} rows  "
+                             f"{done / max(now - begin, 1e-9):.0f} rows/s")
+                stream.flush()
+        if mode == "bar":
+            stream.write("\r\x1b[K")
+            stream.flush()
+        elif mode == "lines":
+            seconds = time.perf_counter() - begin
+            log(f"{label}: {total} rows in {seconds:.1f}s, {total / max(seconds, 1e-9):.0f} rows/s")
+
+    return wrap
