@@ -75,11 +75,10 @@ class TrainProgress:
         where = f"epoch {info['epoch']}/{t.opts.epochs}"
         if bar:
             filled = int(BAR_WIDTH * info["batch"] / t.steps_per_epoch)
-            where += f" [{'#' * filled}{'-' * (BAR_WIDTH - filled)}]"
+            where += f" [{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {info['batch']}/{t.steps_per_epoch}"
         else:
-            where += f"  step {info['step']}/{t.total_steps}"
-        return (f"{where} {info['batch']}/{t.steps_per_epoch}  loss {info['running_loss']:.4f}  "
-                f"lr {info['lr']:.2e}  {info['images_per_s']:.0f} img/s")
+            where += f"  batch {info['batch']}/{t.steps_per_epoch}  step {info['step']}/{t.total_steps}"
+        return f"{where}  loss {info['running_loss']:.4f}  lr {info['lr']:.2e}  {info['images_per_s']:.0f} img/s"
 
     def _clear(self) -> None:
         if self.mode == "bar" and self._drawn:
