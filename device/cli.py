@@ -348,3 +348,73 @@ def export(adaptor: str, out: str) -> None:
     size = Path(out).stat().st_size
     click.echo(f"exported {path} -> {out} ({size:,} bytes)")
 
+
+
+# ---- report -----------------------------------------------------------------------------------------------
+
+
+@main.command(short_help="Training curves, confusion matrix and per-class table of a run.",
+              epilog="""\b
+Examples:
+  mist-device report run feats/test             # curves.png, confusion.png, report.json in run/report
+  mist-device report run                        # the training curves only
+  mist-device report run feats/test --out plots
+
+The PNG files need matplotlib: pip install 'mist-tuning[plots]'. Without it the table is still printed.""")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False), metavar="RUN_DIR")
+@click.argument("test_set", type=click.Path(exists=True, file_okay=False), required=False, metavar="[TEST_SET]")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Where curves.png, confusion.png and report.json go.  [default: RUN_DIR/report]")
+@click.option("--batch-size", type=click.IntRange(1), default=128, help="Rows per forward pass.")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the shards.")
+@_progress_option
+@_threads_option
+def report(run_dir: str, test_set: str | None, out_dir: str | None, batch_size: int, no_verify: bool,
+           progress: str) -> None:
+    """Plot RUN_DIR's training curves (loss, accuracy, lr) and, on TEST_SET, its confusion matrix; print a
+    per-class precision/recall/F1 table. The adaptor is RUN_DIR's best checkpoint (else its last)."""
+    import numpy as np
+
+    from . import report as rep
+
+    run_path = Path(run_dir)
+    epochs = rep.read_epochs(run_path)
+    out = Path(out_dir) if out_dir else run_path / "report"
+    plots = rep.have_matplotlib()
+    if not plots:
+        click.echo(f"plots skipped: matplotlib is not installed ({rep.PLOTS_HINT} to get them)", err=True)
+    written = []
+    if plots:
+        out.mkdir(parents=True, exist_ok=True)
+        written.append(rep.plot_curves(epochs, out / rep.CURVES, f"{run_path.resolve().name}: {len(epochs)} epochs"))
+    last = epochs[-1]
+    click.echo(f"{len(epochs)} epochs: train loss {last['train_loss']:.4f}, train acc {last['train_acc']:.3f}"
+               + (f", val acc {last['val_acc']:.3f} (best {max(r.get('val_acc', 0) for r in epochs):.3f})"
+                  if "val_acc" in last else ""))
+    if test_set is not None:
+        from .evaluation import evaluate_by_name
+        from .progress import rows_progress
+
+        ckpt, model, path = _load_adaptor(run_dir)
+        fs = _open_set(test_set, verify=not no_verify)
+        _check_set_against(ckpt, path, fs, classes=False)
+        bar = rows_progress(int((fs.labels >= 0).sum()), progress, "evaluating", log=lambda m: click.echo(m, err=True))
+        result = evaluate_by_name(model, ckpt.classes, fs, batch_size=batch_size, progress=bar)
+        confusion = np.array(result["confusion"])
+        table = rep.classification_table(confusion, ckpt.classes)
+        click.echo(f"on {test_set} ({result['rows']} rows, {path.name}):")
+        click.echo(rep.format_table(table))
+        out.mkdir(parents=True, exist_ok=True)
+        from mist.formats.atomic import atomic_write_bytes
+
+        body = {"run_dir": run_dir, "checkpoint": str(path), "test_set": test_set, "epochs": epochs,
+                "confusion": result["confusion"], "classes": ckpt.classes, "table": table}
+        atomic_write_bytes(out / rep.TABLE, (json.dumps(body, indent=1) + "\n").encode())
+        written.append(out / rep.TABLE)
+        if plots:
+            title = f"{path.name} on {Path(test_set).name}: accuracy {table['accuracy']:.3f}"
+            written.append(rep.plot_confusion(confusion, ckpt.classes, out / rep.CONFUSION, title))
+    else:
+        click.echo("pass TEST_SET for the confusion matrix and the per-class precision/recall/F1 table")
+    for p in written:
+        click.echo(f"wrote {p}")

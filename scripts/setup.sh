@@ -32,9 +32,18 @@ if ! "$VENV/bin/python" -c "import mist.cloud, mist.device, timm, sklearn, pytes
         aarch64) TORCH="torch==2.9.1 torchvision==0.24.1" ;;
         *) TORCH="torch torchvision" ;;
     esac
-    echo "setup: installing $TORCH and mist[cloud,test,bench] (several GB the first time)"
+    # MIST_TORCH=cpu (opt-in): the CPU-only builds of the same pair from PyTorch's CPU index (no CUDA
+    # libraries). Off by default: that index is not reachable on every machine (not on this one), and here the
+    # one CPU-only file on the local disk, torch 2.13.0, breaks torchvision.
+    TORCH_INDEX=()
+    if [ "${MIST_TORCH:-}" = cpu ]; then
+        TORCH_INDEX=(--index-url "${MIST_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
+                     --extra-index-url https://pypi.org/simple)
+    fi
+    echo "setup: installing $TORCH${MIST_TORCH:+ ($MIST_TORCH build)} and mist[cloud,test,bench,plots]" \
+         "(several GB the first time)"
     # shellcheck disable=SC2086
-    "$VENV/bin/pip" install -q $TORCH
-    "$VENV/bin/pip" install -q -e '.[cloud,test,bench]'
+    "$VENV/bin/pip" install -q ${TORCH_INDEX[@]+"${TORCH_INDEX[@]}"} $TORCH
+    "$VENV/bin/pip" install -q -e '.[cloud,test,bench,plots]'
 fi
 echo "setup: ready ($VENV)"
