@@ -9,7 +9,14 @@ from pathlib import Path
 
 import click
 
-from mist.device.cli_common import CONTEXT, one_line_errors, os_error_message, package_version
+from mist.device.cli_common import (
+    CONTEXT,
+    completion_help,
+    one_line_errors,
+    os_error_message,
+    package_version,
+    teach,
+)
 
 from .errors import CloudError
 
@@ -189,3 +196,62 @@ def same_shape_runs(shapes: list[tuple[int, int]]) -> list[list[int]]:
         else:
             runs.append([i])
     return runs
+
+
+# ---- help that teaches: summaries, examples, environment variables, metavars, option groups -----------------
+
+_SHORT_HELP = {
+    "extract": "Extract Gather* summed features of images into a feature set.",
+    "info": "List a model's tappable layers and suggest --groups.",
+}
+
+_EPILOGS = {
+    "extract": """\b
+Examples:
+  mist-cloud extract --model tf_efficientnet_lite0 --pretrained --data photos/train --out feats/train
+  mist-cloud extract --model tf_efficientnet_lite0 --pretrained --data photos/test --out feats/test
+  mist-cloud extract --model tf_efficientnet_lite0 --pretrained --data fashion-mnist --split test \\
+      --limit 2000 --groups 12-15 --out feats/test
+  mist-cloud extract --model tf_efficientnet_lite0 --pretrained --data photos/train --groups 17 \\
+      --pool mean --out feats/probe             # a pooled vector per image, for a linear probe
+  mist-cloud extract --model vit_base_patch16_224 --weights vit.safetensors --data list.csv \\
+      --groups 0-6,7-12 --scale mean --device auto --out feats/vit
+--data is an ImageFolder (one subfolder per class), a CSV of 'path,label' lines, or fashion-mnist[:DIR].
+Every set made for one adaptor (train, validation, test) needs the same --model, weights, --groups,
+--scale, --pool and data options; the device refuses to mix sets that differ.""",
+    "info": """\b
+Examples:
+  mist-cloud info tf_efficientnet_lite0
+  mist-cloud info vit_base_patch16_224 --img-size 384
+  mist-cloud info test_vit --model-kwargs '{"depth": 12}'""",
+}
+
+_SECTIONS = {
+    "extract": {
+        "Model and weights": ["model", "pretrained", "weights", "random_init", "model_kwargs", "img_size"],
+        "Images": ["data", "split", "limit", "per_class", "seed", "crop_pct", "crop_mode", "interpolation"],
+        "What ships": ["out", "groups", "scale", "pool", "dtype", "shard_rows", "overwrite"],
+        "Speed and progress": ["device", "batch_size", "workers", "threads", "progress"],
+    },
+}
+
+_METAVARS = {"model": "MODEL", "weights": "FILE", "data": "SOURCE", "out": "FEATURE_SET", "groups": "SPEC",
+             "model_kwargs": "JSON", "device": "DEVICE"}
+
+_OPTION_HELP = {
+    "batch_size": "Images per forward pass; a shard holds a whole number of batches.",
+}
+
+main.epilog = """\b
+Start here:
+  mist-cloud info tf_efficientnet_lite0           # layers, shapes, the default --groups
+  mist-cloud extract --model tf_efficientnet_lite0 --pretrained --data photos/train --out feats/train
+Then copy feats/ to the device: mist-device train feats/train --out run.
+
+\b
+Every option also reads an environment variable, MIST_<COMMAND>_<OPTION>, e.g. MIST_EXTRACT_DEVICE=cuda
+(each command's --help names them).
+
+""" + completion_help("mist-cloud")
+
+teach(main, _SHORT_HELP, _EPILOGS, _SECTIONS, _METAVARS, _OPTION_HELP)

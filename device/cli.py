@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .cli_common import CONTEXT, one_line_errors, os_error_message, package_version
+from .cli_common import CONTEXT, completion_help, one_line_errors, os_error_message, package_version, teach
 from .threads import set_blas_threads
 
 
@@ -36,8 +36,9 @@ def _threads_option(f):
 
 def _progress_option(f):
     return click.option("--progress", type=click.Choice(["auto", "bar", "lines", "none"]), default="auto",
-                        help="bar: a live bar on stderr (epoch k/N, running loss, lr, img/s); lines: log lines "
-                             "only; auto: a bar on a terminal, else lines.")(f)
+                        help="bar: a live bar on stderr (train: epoch k/N, running loss, lr, img/s); lines: "
+                             "plain log lines; none: neither; auto: a bar on a terminal, else lines for train "
+                             "and none for the others.")(f)
 
 
 def _user_error_message(e: Exception) -> str | None:
@@ -418,3 +419,81 @@ def report(run_dir: str, test_set: str | None, out_dir: str | None, batch_size: 
         click.echo("pass TEST_SET for the confusion matrix and the per-class precision/recall/F1 table")
     for p in written:
         click.echo(f"wrote {p}")
+
+
+# ---- help that teaches: summaries, examples, environment variables, metavars, option groups -----------------
+
+_SHORT_HELP = {
+    "info": "Summarise a feature set: backbone, groups, shapes, classes.",
+    "verify": "Check a feature set's manifest, headers and checksums.",
+    "train": "Train the LAE adaptor on a feature set.",
+    "evaluate": "Accuracy and confusion matrix of an adaptor on a test set.",
+    "predict": "Predict a class for every row of a feature set.",
+    "export": "Write an adaptor's weights only, for inference.",
+}
+
+_EPILOGS = {
+    "info": """\b
+Examples:
+  mist-device info feats/train
+  mist-device info feats/train --json > manifest.json""",
+    "verify": """\b
+Examples:
+  mist-device verify feats/train && mist-device verify feats/test""",
+    "train": """\b
+Examples:
+  mist-device train feats/train --out run --val-split 0.2
+  mist-device train feats/train --out run --val feats/val --epochs 50 --lr 3e-3
+  mist-device train feats/train --out run --resume          # after a crash or Ctrl-C
+  mist-device train feats/train --out run --progress lines --log-every 100 --step-metrics
+  MIST_TRAIN_EPOCHS=5 mist-device train feats/train --out run --overwrite
+Then: mist-device evaluate run feats/test; mist-device report run feats/test.""",
+    "evaluate": """\b
+Examples:
+  mist-device evaluate run feats/test
+  mist-device evaluate run/last.safetensors feats/test --json > evaluate.json""",
+    "predict": """\b
+Examples:
+  mist-device predict run feats/new --top-k 3
+  mist-device predict adaptor.safetensors feats/new --format json --output predictions.json""",
+    "export": """\b
+Examples:
+  mist-device export run adaptor.safetensors""",
+}
+
+_SECTIONS = {
+    "train": {
+        "Data": ["run_dir", "val_set", "val_split", "val_seed", "no_verify"],
+        "Adaptor": ["rank", "heads", "blocks_per_group", "pool", "input_scale"],
+        "Optimisation": ["epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup", "warmup_fraction",
+                         "label_smoothing", "grad_clip", "seed"],
+        "Checkpoints and progress": ["save_every", "resume", "overwrite", "progress", "log_every", "step_metrics",
+                                     "threads"],
+    },
+}
+
+_METAVARS = {"run_dir": "RUN_DIR", "val_set": "FEATURE_SET", "output": "FILE", "out_dir": "DIR"}
+
+_OPTION_HELP = {
+    "epochs": "Passes over the training rows.",
+    "batch_size": "Rows per step (train) or per forward pass (evaluate, predict).",
+    "label_smoothing": "Label smoothing of the cross-entropy loss.",
+    "format": "csv: one row per line with id, label, prediction and top-k; json: a list of records.",
+    "fmt": "csv: one row per line with id, label, prediction and top-k; json: a list of records.",
+}
+
+main.epilog = """\b
+Start here:
+  mist-device info feats/train                    # what arrived from the cloud
+  mist-device train feats/train --out run --val-split 0.2
+  mist-device evaluate run feats/test
+  mist-device report run feats/test               # PNG curves and confusion matrix
+Run `mist-device COMMAND --help` for a command's options and examples.
+
+\b
+Every option also reads an environment variable, MIST_<COMMAND>_<OPTION>, e.g. MIST_TRAIN_EPOCHS=50
+(each command's --help names them).
+
+""" + completion_help("mist-device")
+
+teach(main, _SHORT_HELP, _EPILOGS, _SECTIONS, _METAVARS, _OPTION_HELP)

@@ -27,6 +27,62 @@ def os_error_message(e: OSError) -> str:
     return f"{where}{e.strerror or e}"
 
 
+class SectionedCommand(click.Command):
+    """A command whose ``--help`` lists its options under headings, when ``option_sections`` is set:
+    ``{"Heading": ["option_name", ...]}``; options in no section come last under "Other options"."""
+
+    option_sections: dict[str, list[str]] | None = None
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        if not self.option_sections:
+            return super().format_options(ctx, formatter)
+        records = {p.name: p.get_help_record(ctx) for p in self.get_params(ctx) if isinstance(p, click.Option)}
+        records = {name: r for name, r in records.items() if r is not None}
+        placed = set()
+        for heading, names in self.option_sections.items():
+            rows = [records[n] for n in names if n in records]
+            placed.update(names)
+            if rows:
+                with formatter.section(heading):
+                    formatter.write_dl(rows)
+        rest = [r for name, r in records.items() if name not in placed]
+        if rest:
+            with formatter.section("Other options"):
+                formatter.write_dl(rest)
+
+
+def teach(group: click.Group, short_help: dict[str, str], epilogs: dict[str, str],
+          sections: dict[str, dict[str, list[str]]], metavars: dict[str, str], option_help: dict[str, str]) -> None:
+    """Make ``--help`` teach: a summary that fits, examples in each epilog, every option's environment
+    variable shown, one metavar per concept (``metavars``: option name -> METAVAR) and help for options
+    that lack it. Kept apart from the option definitions, so adding an option stays a one-place change."""
+    for name, command in group.commands.items():
+        if name in short_help:
+            command.short_help = short_help[name]
+        if name in epilogs:
+            command.epilog = epilogs[name]
+        if name in sections and isinstance(command, SectionedCommand):
+            command.option_sections = sections[name]
+        for param in command.params:
+            if not isinstance(param, click.Option) or param.name in ("help", "version"):
+                continue
+            param.show_envvar = True
+            if param.name in metavars and not param.is_flag:
+                param.metavar = metavars[param.name]
+            elif param.metavar is None and isinstance(param.type, (click.IntRange, click.FloatRange)):
+                # "INTEGER RANGE" says less than the bounds click prints beside it: name the number's kind
+                param.metavar = "INTEGER" if isinstance(param.type, click.IntRange) else "FLOAT"
+            if not param.help and param.name in option_help:
+                param.help = option_help[param.name]
+
+
+def completion_help(prog: str) -> str:
+    """The epilog line that documents click's shell completion for ``prog``."""
+    var = "_" + prog.upper().replace("-", "_") + "_COMPLETE"
+    return ("\b\nShell completion: add this line to ~/.bashrc (zsh: zsh_source in ~/.zshrc; fish: fish_source)\n"
+            f"  eval \"$({var}=bash_source {prog})\"")
+
+
 def one_line_errors(user_error_message: Callable[[Exception], str | None],
                     interrupted: str | None = None) -> type[click.Group]:
     """A click group class that turns the errors a user can fix into one line on stderr and exit status 1.
@@ -36,6 +92,8 @@ def one_line_errors(user_error_message: Callable[[Exception], str | None],
     """
 
     class OneLineErrors(click.Group):
+        command_class = SectionedCommand  # every subcommand may group its options under headings
+
         def invoke(self, ctx: click.Context):
             try:
                 return super().invoke(ctx)
