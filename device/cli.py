@@ -365,7 +365,7 @@ The PNG files need matplotlib: pip install 'mist-tuning[plots]'. Without it the 
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False), metavar="RUN_DIR")
 @click.argument("test_set", type=click.Path(exists=True, file_okay=False), required=False, metavar="[TEST_SET]")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
-              help="Where curves.png, confusion.png and report.json go.  [default: RUN_DIR/report]")
+              show_default="RUN_DIR/report", help="Where curves.png, confusion.png and report.json go.")
 @click.option("--batch-size", type=click.IntRange(1), default=128, help="Rows per forward pass.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the shards.")
 @_progress_option
