@@ -5,6 +5,7 @@ torch and timm are imported inside the commands, so ``--help`` and ``--version``
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -26,7 +27,16 @@ def _log(message: str) -> None:
 
 
 def _user_error_message(e: Exception) -> str | None:
-    """Bad flags, data, weights or feature sets: one line. Anything else is a bug and keeps its traceback."""
+    """Bad flags, data, weights or feature sets: one line. Anything else is a bug and keeps its traceback.
+
+    Under torchrun the line names the rank, since every rank's stderr lands in the same terminal."""
+    message = _one_line(e)
+    if message is not None and "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: {message}"
+    return message
+
+
+def _one_line(e: Exception) -> str | None:
     from mist.formats import FormatError
 
     if isinstance(e, (CloudError, FormatError)):
@@ -125,15 +135,19 @@ def _weights_choice(pretrained: bool, weights: str | None, random_init: bool) ->
               help="Where the backbone runs: cpu, cuda, cuda:N, or auto (cuda when available).")
 @click.option("--progress", type=click.Choice(["auto", "bar", "lines", "none"]), default="auto",
               help="auto: a bar on a terminal, periodic lines otherwise.")
+@click.option("--autocast", type=click.Choice(["auto", "off", "bf16", "fp16"]), default="auto",
+              help="Forward in bf16/fp16 autocast (sums stay fp32). auto: bf16 for ViTs on CUDA, else off; "
+                   "recorded in the manifest when on.")
 def extract(model: str, pretrained: bool, weights: str | None, random_init: bool, data: str, split: str,
             out: str, groups: str, scale: str, dtype: str, batch_size: int, workers: int, threads: int | None,
             shard_rows: int, limit: int | None, per_class: int | None, seed: int, img_size: int | None,
             crop_pct: float | None, crop_mode: str | None, interpolation: str | None, pool: str,
             model_kwargs: dict | None,
-            overwrite: bool, device: str, progress: str) -> None:
+            overwrite: bool, device: str, progress: str, autocast: str) -> None:
     """Extract Gather* features of --data through --model into the feature set --out.
 
-    Rerunning the same command after an interruption resumes after the last whole shard.
+    Rerunning the same command after an interruption resumes after the last whole shard. Under
+    `torchrun --nproc-per-node N -m mist.cloud extract ...` the ranks share the work (docs/cloud.md).
     """
     from .extract import ExtractConfig
     from .extract import extract as run
@@ -144,6 +158,7 @@ def extract(model: str, pretrained: bool, weights: str | None, random_init: bool
         workers=workers, threads=threads, shard_rows=shard_rows, limit=limit, per_class=per_class, seed=seed,
         overwrite=overwrite, img_size=img_size, model_kwargs=model_kwargs, device=device, progress=progress,
         crop_pct=crop_pct, crop_mode=crop_mode, interpolation=interpolation, pool=pool,
+        autocast=autocast,
     )
     run(cfg, log=_log)
 

@@ -20,6 +20,7 @@ import torch
 from mist.formats import FeatureSet, FeatureSetWriter, Manifest
 from mist.formats.atomic import atomic_write_bytes
 
+from . import distributed, precision
 from .backbones import create_backbone, make_transform
 from .datasets import ImageDataset, collate, dataset_record, open_source, select
 from .errors import CloudError
@@ -62,6 +63,7 @@ class ExtractConfig:
     img_size: int | None = None
     model_kwargs: dict | None = None  # extra timm.create_model arguments
     device: str = "cpu"  # "cuda", "cuda:N", or "auto"
+    autocast: str = "auto"  # "off", "bf16", "fp16"; "auto": per family and device, see cloud/precision.py
     progress: str = "auto"  # "bar", "lines", "none"; "auto": a bar on a terminal, else lines
     log_every: float = 10.0  # seconds between progress lines off a terminal
     crop_pct: float | None = None  # data-config overrides, recorded in the manifest's data_config
@@ -87,6 +89,9 @@ def extract(cfg: ExtractConfig, log: Log = print) -> ExtractResult:
     _check(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    ranks, device = distributed.join(_device(cfg.device))  # (None, device) in a single process
+    if ranks is not None:
+        log = _prefixed(log, f"[{ranks.name}] ")
     source = open_source(cfg.data, cfg.split)
     ids = select(source.labels, cfg.limit, cfg.per_class, cfg.seed)
     if len(ids) == 0:
@@ -109,15 +114,17 @@ def extract(cfg: ExtractConfig, log: Log = print) -> ExtractResult:
         raise CloudError(f"--pool cls needs a class token, but {cfg.model}'s layers have none; use --pool mean")
     if cfg.pool != "none":
         tokens, prefix, grid = 1, 0, None
-    device = _device(cfg.device)
     channels_last = recipe_for(model).layout == "NCHW"
     if channels_last:  # measured ~5x faster for EfficientNet-Lite0 on CPU (docs/cloud.md)
         model = model.to(memory_format=torch.channels_last)
     model = model.to(device)
+    autocast = precision.autocast_choice(cfg.autocast, device, recipe_for(model).layout)
+    if device.type == "cuda" and autocast == "off":
+        precision.exact_fp32_on_cuda()
 
     manifest = Manifest(
-        backbone=backbone.describe(), groups=groups, scale=cfg.scale, tokens=tokens,
-        prefix_tokens=prefix, grid=grid, dim=dim, pool=cfg.pool,
+        backbone={**backbone.describe(), **precision.manifest_record(autocast)}, groups=groups, scale=cfg.scale,
+        tokens=tokens, prefix_tokens=prefix, grid=grid, dim=dim, pool=cfg.pool,
         dtype=cfg.dtype, data_config=backbone.data_config, classes=source.classes, split=cfg.split,
         dataset=dataset_record(source, cfg.split, ids, cfg.limit, cfg.per_class, cfg.seed),
         layer_names=[la.name for la in layers],
@@ -126,6 +133,30 @@ def extract(cfg: ExtractConfig, log: Log = print) -> ExtractResult:
     if shard_rows != cfg.shard_rows:
         log(f"shard rows {cfg.shard_rows} -> {shard_rows}, a multiple of the batch size, so a resumed run "
             "computes the same batches")
+    progress_mode = "lines" if ranks is not None and cfg.progress == "auto" else cfg.progress
+
+    def features(pending: np.ndarray, skips, progress: _Progress):
+        """(features, labels, ids) of ``pending`` in batches of --batch-size, decoded by the DataLoader."""
+        loader = torch.utils.data.DataLoader(
+            ImageDataset(source, pending, make_transform(backbone.data_config)), batch_size=cfg.batch_size,
+            num_workers=cfg.workers, collate_fn=collate, shuffle=False, pin_memory=device.type == "cuda")
+        with GroupTap(model, layers, groups) as tap, torch.inference_mode():
+            for images, labels, row_ids in _rebatch(loader, cfg.batch_size, skips, progress):
+                images = images.to(device, non_blocking=True)
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with precision.autocast(autocast, device):
+                    sums = tap(images)
+                sums = finish(pool_tokens(sums, cfg.pool), groups, cfg.scale, cfg.dtype).cpu()
+                progress.update(len(row_ids))
+                yield sums.numpy(), labels.numpy(), row_ids.numpy()
+
+    if ranks is not None:
+        done = distributed.extract(ranks, Path(cfg.out), manifest, ids, shard_rows, cfg.overwrite, source.describe,
+                                   features, lambda total: _Progress(total, progress_mode, cfg.log_every, log), log)
+        distributed.leave(ranks)
+        return ExtractResult(done.manifest, done.rows_written, done.resumed_rows, done.skipped, done.seconds)
+
     writer = FeatureSetWriter(cfg.out, manifest, shard_rows=shard_rows, overwrite=cfg.overwrite)
     resumed = writer.rows_done
     pending, last_id = ids, -1
@@ -139,22 +170,13 @@ def extract(cfg: ExtractConfig, log: Log = print) -> ExtractResult:
     log(f"extracting {len(pending)} images: {cfg.model}, groups {format_groups(groups)} "
         f"(k={len(groups)}, T={tokens}, d={dim}), scale {cfg.scale}, "
         + (f"pool {cfg.pool}, " if cfg.pool != "none" else "") + f"{cfg.dtype} -> {cfg.out}")
-    loader = torch.utils.data.DataLoader(
-        ImageDataset(source, pending, make_transform(backbone.data_config)), batch_size=cfg.batch_size,
-        num_workers=cfg.workers, collate_fn=collate, shuffle=False)
     progress = _Progress(len(pending), cfg.progress, cfg.log_every, log)
     start = time.perf_counter()
     written = 0
     try:
-        with GroupTap(model, layers, groups) as tap, torch.inference_mode():
-            for images, labels, row_ids in _rebatch(loader, cfg.batch_size, skips, progress):
-                images = images.to(device, non_blocking=True)
-                if channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                features = finish(pool_tokens(tap(images), cfg.pool), groups, cfg.scale, cfg.dtype).cpu()
-                writer.add(features.numpy(), labels.numpy(), row_ids.numpy())
-                written += len(row_ids)
-                progress.update(len(row_ids))
+        for batch, labels, row_ids in features(pending, skips, progress):
+            writer.add(batch, labels, row_ids)
+            written += len(row_ids)
         final = writer.close()
     finally:
         progress.close()
@@ -202,6 +224,10 @@ def _device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CloudError(f"--device {name}: CUDA is not available on this machine")
     return device
+
+
+def _prefixed(log: Log, prefix: str) -> Log:
+    return lambda message: log(prefix + message)
 
 
 def _rebatch(loader, size: int, skips: _SkipList, progress: _Progress,

@@ -132,22 +132,28 @@ class FeatureSetWriter:
         self._buffer = [rest] if len(rest[0]) else []
         self._buffered = len(rest[0])
 
-        index = len(self.manifest.shards)
-        name = shard_name(index)
-        tensors = {
-            # safetensors 0.8 writes the wrong bytes for non-contiguous arrays, without a warning.
-            FEATURES: np.ascontiguousarray(feats[:n], dtype=_STORAGE[self.manifest.dtype]),
-            LABELS: np.ascontiguousarray(labels[:n], dtype=np.int64),
-            IDS: np.ascontiguousarray(ids[:n], dtype=np.int64),
-        }
-        metadata = {"format": "mist-feature-shard", "set_layout": self.manifest.layout_fingerprint(),
-                    "shard_index": str(index)}
-        path = self.directory / name
-        # Not safetensors' save_file: its metadata order varies, so a resumed set would not match (see there).
-        atomic_write(path, lambda tmp: write_safetensors(tmp, tensors, metadata))
-        shard = Shard(file=name, rows=n, sha256=sha256_file(path))
+        shard = write_shard(self.directory, len(self.manifest.shards), self.manifest, feats[:n], labels[:n],
+                            ids[:n])
         self.manifest = self.manifest.with_shards([*self.manifest.shards, shard], complete=complete)
         atomic_write_json(self.directory / MANIFEST_NAME, self.manifest.to_json())
+
+
+def write_shard(directory: Path, index: int, manifest: Manifest, features: np.ndarray, labels: np.ndarray,
+                ids: np.ndarray) -> Shard:
+    """Commit one shard file atomically (its bytes depend only on the rows, ``index`` and the layout)."""
+    name = shard_name(index)
+    tensors = {
+        # safetensors 0.8 writes the wrong bytes for non-contiguous arrays, without a warning.
+        FEATURES: np.ascontiguousarray(features, dtype=_STORAGE[manifest.dtype]),
+        LABELS: np.ascontiguousarray(labels, dtype=np.int64),
+        IDS: np.ascontiguousarray(ids, dtype=np.int64),
+    }
+    metadata = {"format": "mist-feature-shard", "set_layout": manifest.layout_fingerprint(),
+                "shard_index": str(index)}
+    path = Path(directory) / name
+    # Not safetensors' save_file: its metadata order varies, so a resumed set would not match (see there).
+    atomic_write(path, lambda tmp: write_safetensors(tmp, tensors, metadata))
+    return Shard(file=name, rows=len(ids), sha256=sha256_file(path))
 
 
 def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
