@@ -213,6 +213,32 @@ def same_shape_runs(shapes: list[tuple[int, int]]) -> list[list[int]]:
     return runs
 
 
+@main.command()
+@click.argument("feature_set")
+@click.argument("destination")
+@click.option("--endpoint-url", envvar="MIST_S3_ENDPOINT_URL", default=None,
+              help="An S3-compatible endpoint (MinIO, Ceph, R2). Env: MIST_S3_ENDPOINT_URL. "
+                   "Credentials: the usual AWS variables, files, profiles.")
+@click.option("--part-size", type=click.IntRange(5, 5120), default=64,
+              help="MiB per part; larger shards upload in parts, each retried with backoff.")
+@click.option("--overwrite", is_flag=True, help="Replace a different feature set already at DESTINATION.")
+@click.option("--max-rate", type=click.FloatRange(0, min_open=True), default=None, help="Cap at this many MiB/s.")
+@click.option("--progress", type=click.Choice(["auto", "bar", "lines", "none"]), default="auto",
+              help="On stderr. auto: a bar on a terminal, one line per shard otherwise.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+def push(feature_set: str, destination: str, endpoint_url: str | None, part_size: int, overwrite: bool,
+         max_rate: float | None, progress: str, as_json: bool) -> None:
+    """Ship FEATURE_SET to DESTINATION: s3://bucket/prefix, or a folder such as a mounted USB stick.
+
+    Every shard's sha256 is checked as it is read and the object is committed only when it matches; the
+    manifest goes last. Rerun after an interruption: shards already there and verified are skipped.
+    """
+    from mist.formats.ship_progress import run_copy
+
+    run_copy("push", feature_set, destination, endpoint_url, overwrite=overwrite, max_rate_mib=max_rate,
+             part_size_mib=part_size, as_json=as_json, progress=progress)
+
+
 # ---- help that teaches: summaries, examples, environment variables, metavars, option groups -----------------
 
 _SHORT_HELP = {

@@ -19,6 +19,7 @@ import torch
 
 from mist.formats import FeatureSet, FeatureSetWriter, Manifest
 from mist.formats.atomic import atomic_write_bytes
+from mist.formats.ship import MAX_SHARD_BYTES, capped_shard_rows
 
 from . import distributed, precision
 from .backbones import create_backbone, make_transform
@@ -133,6 +134,13 @@ def extract(cfg: ExtractConfig, log: Log = print) -> ExtractResult:
     if shard_rows != cfg.shard_rows:
         log(f"shard rows {cfg.shard_rows} -> {shard_rows}, a multiple of the batch size, so a resumed run "
             "computes the same batches")
+    # A shard must fit on a FAT32 stick (files < 4 GiB) and stay cheap to redo: cap its size in bytes too.
+    row_bytes = len(groups) * tokens * dim * torch.tensor([], dtype=DTYPES[cfg.dtype]).element_size()
+    capped = capped_shard_rows(shard_rows, row_bytes, cfg.batch_size)
+    if capped != shard_rows:
+        log(f"shard rows {shard_rows} -> {capped}, so a shard stays under {MAX_SHARD_BYTES >> 20} MiB "
+            f"({row_bytes:,} bytes per row; FAT32 sticks hold files under 4 GiB)")
+        shard_rows = capped
     progress_mode = "lines" if ranks is not None and cfg.progress == "auto" else cfg.progress
 
     def features(pending: np.ndarray, skips, progress: _Progress):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from . import ship_commands
 from .cli_common import CONTEXT, completion_help, one_line_errors, os_error_message, package_version, teach
 from .threads import set_blas_threads
 
@@ -105,10 +106,25 @@ def _groups_text(groups: list[list[int]]) -> str:
 
 
 @main.command()
-@click.argument("feature_set", type=click.Path(exists=True, file_okay=False))
-def verify(feature_set: str) -> None:
-    """Check a feature set's manifest, every shard header and every shard checksum."""
+@click.argument("feature_set")
+@ship_commands.ENDPOINT
+@ship_commands.PROGRESS
+@ship_commands.JSON
+def verify(feature_set: str, endpoint_url: str | None, progress: str, as_json: bool) -> None:
+    """Check a feature set's manifest, every shard header and every shard checksum.
+
+    FEATURE_SET is a folder or s3://bucket/prefix (there the shards stream and are hashed, nothing is stored).
+    """
+    if "://" in feature_set:
+        ship_commands.verify_url(feature_set, endpoint_url, as_json, progress)
+        return
+    if not Path(feature_set).is_dir():
+        raise click.BadParameter(f"{feature_set}: not a folder", param_hint="'FEATURE_SET'")
     fs = _open_set(feature_set, verify=True)
+    if as_json:
+        click.echo(json.dumps({"source": str(fs.directory), "rows": len(fs), "shards": len(fs.manifest.shards),
+                               "verified": True}))
+        return
     click.echo(f"ok: {fs.directory} ({len(fs):,} rows, {len(fs.manifest.shards)} shards, checksums match)")
 
 
@@ -495,5 +511,8 @@ Every option also reads an environment variable, MIST_<COMMAND>_<OPTION>, e.g. M
 (each command's --help names them).
 
 """ + completion_help("mist-device")
+
+main.add_command(ship_commands.pull)
+main.add_command(ship_commands.ls)
 
 teach(main, _SHORT_HELP, _EPILOGS, _SECTIONS, _METAVARS, _OPTION_HELP)
