@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up a fresh machine for mist: a virtual environment with the cloud, test and benchmark extras, and
-# (as root, on Debian) the Fashion-MNIST package that the main job and the accuracy tests read.
+# Set up a fresh machine for mist: a virtual environment with the cloud, test, benchmark and s3 extras, and
+# (as root, on Debian) the Fashion-MNIST package that the main job and the accuracy tests read, and dosfstools.
 # Idempotent: a second run only checks that everything is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,11 +19,23 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
     fi
 fi
 
+# mkfs.vfat makes the FAT32 image that the shipping tests use as a USB stick (loop-mounted where allowed).
+if ! command -v mkfs.vfat >/dev/null && [ ! -x /usr/sbin/mkfs.vfat ] && [ ! -x /sbin/mkfs.vfat ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "setup: installing Debian's dosfstools"
+        apt-get update -q >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends dosfstools >/dev/null
+    else
+        echo "setup: mkfs.vfat is missing (the FAT32 shipping test will skip); as root run:" \
+             "apt-get install dosfstools" >&2
+    fi
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
     echo "setup: creating $VENV"
     "$PY" -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import mist.cloud, mist.device, timm, sklearn, pytest" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import mist.cloud, mist.device, timm, sklearn, pytest, boto3, moto.server" 2>/dev/null; then
     "$VENV/bin/pip" install -q --upgrade pip
     # timm needs torchvision; on x86_64 these two releases work together (the CPU-only torch 2.13.0 wheel
     # breaks torchvision's import). On aarch64, torch 2.9.1 + torchvision 0.24.1 is the pair known to work.
@@ -40,10 +52,10 @@ if ! "$VENV/bin/python" -c "import mist.cloud, mist.device, timm, sklearn, pytes
         TORCH_INDEX=(--index-url "${MIST_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
                      --extra-index-url https://pypi.org/simple)
     fi
-    echo "setup: installing $TORCH${MIST_TORCH:+ ($MIST_TORCH build)} and mist[cloud,test,bench,plots]" \
+    echo "setup: installing $TORCH${MIST_TORCH:+ ($MIST_TORCH build)} and mist[cloud,test,bench,plots,s3]" \
          "(several GB the first time)"
     # shellcheck disable=SC2086
     "$VENV/bin/pip" install -q ${TORCH_INDEX[@]+"${TORCH_INDEX[@]}"} $TORCH
-    "$VENV/bin/pip" install -q -e '.[cloud,test,bench,plots]'
+    "$VENV/bin/pip" install -q -e '.[cloud,test,bench,plots,s3]'
 fi
 echo "setup: ready ($VENV)"
