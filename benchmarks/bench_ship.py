@@ -1,0 +1,178 @@
+"""Pull throughput: `mist-device pull` (verified, resumable, fsynced) against unverified copies, same run.
+
+A moto S3 server runs as its own process on 127.0.0.1 (like a real store, it does not share this process's
+GIL). A feature set of float16 shards is pushed there once. Then, round after round, in rotating order:
+
+- ``plain``: the same boto3 client streams each object into a file: no hash, no temp name, no fsync;
+- ``plain+fsync``: the same, plus an fsync of each file (as durable as mist, still unverified);
+- ``mist pull``: ``copy_set`` into an empty folder: streaming sha256, temp name + rename, fsync, manifest last;
+- ``mist resume``: ``copy_set`` into a folder that already holds the whole set (every shard hashed, skipped).
+
+It reports medians over the rounds, the machine load before and after, and writes JSON.
+
+    .venv/bin/python benchmarks/bench_ship.py                        # table + benchmarks/results/bench_ship.json
+    .venv/bin/python benchmarks/bench_ship.py --shards 4 --shard-mib 8 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+BUCKET = "bench"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_moto(port: int) -> subprocess.Popen:
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server
+        except OSError:
+            time.sleep(0.2)
+    server.kill()
+    raise SystemExit("moto server did not start within 60 s")
+
+
+def write_set(directory: Path, shards: int, shard_mib: int) -> None:
+    from mist.formats import FeatureSetWriter, Manifest
+
+    tokens, dim = 197, 384  # a ViT-S/16 map, one group
+    row_bytes = tokens * dim * 2
+    shard_rows = max((shard_mib << 20) // row_bytes, 1)
+    manifest = Manifest(
+        backbone={"name": "bench", "weights_sha256": "0" * 64, "weights_source": "none"}, groups=[[0]],
+        scale="none", tokens=tokens, prefix_tokens=1, grid=[14, 14], dim=dim, dtype="float16",
+        data_config={"input_size": [3, 224, 224]}, classes=["a", "b"], split="train",
+        dataset={"source": "random", "hash": "bench"})
+    writer = FeatureSetWriter(directory, manifest, shard_rows=shard_rows)
+    rng = np.random.default_rng(0)
+    for _ in range(shards):
+        rows = rng.standard_normal((shard_rows, 1, tokens, dim), dtype=np.float32).astype(np.float16)
+        writer.add(rows, rng.integers(0, 2, shard_rows), np.arange(shard_rows))
+    writer.close()
+
+
+def plain_copy(store, dest: Path, names: list[str], fsync: bool) -> None:
+    """The unverified reference: the same client, the same chunk size, straight into the final names."""
+    from mist.formats.ship import CHUNK
+
+    dest.mkdir(parents=True)
+    for name in names:
+        body = store.client.get_object(Bucket=store.bucket, Key=store.key(name))["Body"]
+        with open(dest / name, "wb") as f:
+            for block in body.iter_chunks(CHUNK):
+                f.write(block)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", type=int, default=6)
+    parser.add_argument("--shard-mib", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_ship.json")
+    args = parser.parse_args()
+
+    import boto3
+    import botocore
+
+    from mist.formats.ship import LocalStore, S3Store, copy_set, s3_client
+
+    port = free_port()
+    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"})
+    endpoint = f"http://127.0.0.1:{port}"
+    load_before = os.getloadavg()
+    server = start_moto(port)
+    work = Path(tempfile.mkdtemp(prefix="bench_ship_"))
+    try:
+        source = work / "source"
+        write_set(source, args.shards, args.shard_mib)
+        client = s3_client(endpoint)
+        client.create_bucket(Bucket=BUCKET)
+        remote = S3Store(BUCKET, "sets/bench", client)
+        copy_set(LocalStore(source), remote)
+        names = sorted(p.name for p in source.glob("shard-*.safetensors"))
+        total = sum((source / n).stat().st_size for n in names)
+
+        def run(variant: str) -> float:
+            dest = work / "dest"
+            if variant != "mist resume":
+                shutil.rmtree(dest, ignore_errors=True)
+            start = time.perf_counter()
+            if variant == "plain":
+                plain_copy(remote, dest, names, fsync=False)
+            elif variant == "plain+fsync":
+                plain_copy(remote, dest, names, fsync=True)
+            else:
+                report = copy_set(remote, LocalStore(dest))
+                expected = "skipped" if variant == "mist resume" else "copied"
+                assert all(s.status == expected for s in report.shards), (variant, report.shards)
+            return time.perf_counter() - start
+
+        variants = ["plain", "plain+fsync", "mist pull", "mist resume"]
+        run("mist pull")  # warm-up: the server's first reads, the page cache, the client's connections
+        times: dict[str, list[float]] = {v: [] for v in variants}
+        for r in range(args.rounds):
+            order = variants[r % 3:3] + variants[:r % 3]  # rotate the three full copies
+            for variant in order:
+                times[variant].append(run(variant))
+            # The folder holds whole shards from the last copy (all three write the same bytes): hash, skip.
+            times["mist resume"].append(run("mist resume"))
+        load_after = os.getloadavg()
+    finally:
+        server.kill()
+        server.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+    medians = {v: statistics.median(t) for v, t in times.items()}
+    mib = total / (1 << 20)
+    rows = []
+    for v in variants:
+        rows.append({"variant": v, "median_s": medians[v], "mib_per_s": mib / medians[v],
+                     "vs_plain": medians["plain"] / medians[v], "vs_plain_fsync": medians["plain+fsync"] / medians[v],
+                     "runs_s": times[v]})
+    print(f"pull of {len(names)} shards, {mib:.1f} MiB, from moto on 127.0.0.1; medians of {args.rounds} rounds")
+    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} ({os.cpu_count()} CPUs)")
+    print(f"{'variant':<13} {'median s':>9} {'MiB/s':>8} {'throughput vs plain':>20} {'vs plain+fsync':>15}")
+    for row in rows:
+        print(f"{row['variant']:<13} {row['median_s']:>9.3f} {row['mib_per_s']:>8.1f} {row['vs_plain']:>20.1%} "
+              f"{row['vs_plain_fsync']:>15.1%}")
+    cost = 1 - medians["plain+fsync"] / medians["mist pull"]
+    print(f"verification cost (mist pull vs plain+fsync, throughput lost): {cost:.1%}  (goal <= 10%)")
+    result = {"benchmark": "bench_ship", "command": "python benchmarks/bench_ship.py " + " ".join(sys.argv[1:]),
+              "shards": len(names), "bytes": total, "rounds": args.rounds, "rows": rows,
+              "verification_cost": cost, "load_before": load_before, "load_after": load_after,
+              "cpus": os.cpu_count(), "machine": platform.platform(), "python": platform.python_version(),
+              "boto3": boto3.__version__, "botocore": botocore.__version__}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
