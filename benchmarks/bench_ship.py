@@ -11,7 +11,7 @@ GIL). A feature set of float16 shards is pushed there once. Then, round after ro
 It reports medians over the rounds, the machine load before and after, and writes JSON.
 
     .venv/bin/python benchmarks/bench_ship.py                        # table + benchmarks/results/bench_ship.json
-    .venv/bin/python benchmarks/bench_ship.py --shards 4 --shard-mib 8 --rounds 3
+    .venv/bin/python benchmarks/bench_ship.py --shards 6 --shard-mib 16 --rounds 7    # a small set: fixed costs show
 """
 
 from __future__ import annotations
@@ -55,6 +55,12 @@ def start_moto(port: int) -> subprocess.Popen:
     raise SystemExit("moto server did not start within 60 s")
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def write_set(directory: Path, shards: int, shard_mib: int) -> None:
     from mist.formats import FeatureSetWriter, Manifest
 
@@ -92,7 +98,7 @@ def plain_copy(store, dest: Path, names: list[str], fsync: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=int, default=6)
-    parser.add_argument("--shard-mib", type=int, default=16)
+    parser.add_argument("--shard-mib", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_ship.json")
     args = parser.parse_args()
@@ -119,11 +125,11 @@ def main() -> None:
         names = sorted(p.name for p in source.glob("shard-*.safetensors"))
         total = sum((source / n).stat().st_size for n in names)
 
-        def run(variant: str) -> float:
+        def run(variant: str) -> tuple[float, float]:
             dest = work / "dest"
             if variant != "mist resume":
                 shutil.rmtree(dest, ignore_errors=True)
-            start = time.perf_counter()
+            start, cpu, served = time.perf_counter(), time.process_time(), process_cpu(server.pid)
             if variant == "plain":
                 plain_copy(remote, dest, names, fsync=False)
             elif variant == "plain+fsync":
@@ -132,17 +138,23 @@ def main() -> None:
                 report = copy_set(remote, LocalStore(dest))
                 expected = "skipped" if variant == "mist resume" else "copied"
                 assert all(s.status == expected for s in report.shards), (variant, report.shards)
-            return time.perf_counter() - start
+            wall = time.perf_counter() - start
+            return wall, time.process_time() - cpu, process_cpu(server.pid) - served
 
         variants = ["plain", "plain+fsync", "mist pull", "mist resume"]
         run("mist pull")  # warm-up: the server's first reads, the page cache, the client's connections
         times: dict[str, list[float]] = {v: [] for v in variants}
+        cpu: dict[str, list[float]] = {v: [] for v in variants}
+        server_cpu: dict[str, list[float]] = {v: [] for v in variants}
         for r in range(args.rounds):
             order = variants[r % 3:3] + variants[:r % 3]  # rotate the three full copies
-            for variant in order:
-                times[variant].append(run(variant))
-            # The folder holds whole shards from the last copy (all three write the same bytes): hash, skip.
-            times["mist resume"].append(run("mist resume"))
+            # The folder then holds whole shards from the last copy (all three write the same bytes): resume
+            # hashes them and skips.
+            for variant in [*order, "mist resume"]:
+                wall, used, served = run(variant)
+                times[variant].append(wall)
+                cpu[variant].append(used)
+                server_cpu[variant].append(served)
         load_after = os.getloadavg()
     finally:
         server.kill()
@@ -154,19 +166,29 @@ def main() -> None:
     rows = []
     for v in variants:
         rows.append({"variant": v, "median_s": medians[v], "mib_per_s": mib / medians[v],
+                     "client_cpu_s": statistics.median(cpu[v]), "server_cpu_s": statistics.median(server_cpu[v]),
                      "vs_plain": medians["plain"] / medians[v], "vs_plain_fsync": medians["plain+fsync"] / medians[v],
                      "runs_s": times[v]})
     print(f"pull of {len(names)} shards, {mib:.1f} MiB, from moto on 127.0.0.1; medians of {args.rounds} rounds")
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} ({os.cpu_count()} CPUs)")
-    print(f"{'variant':<13} {'median s':>9} {'MiB/s':>8} {'throughput vs plain':>20} {'vs plain+fsync':>15}")
+    print(f"{'variant':<13} {'median s':>9} {'MiB/s':>8} {'throughput vs plain':>20} {'vs plain+fsync':>15} "
+          f"{'client CPU s':>13} {'server CPU s':>13}")
     for row in rows:
         print(f"{row['variant']:<13} {row['median_s']:>9.3f} {row['mib_per_s']:>8.1f} {row['vs_plain']:>20.1%} "
-              f"{row['vs_plain_fsync']:>15.1%}")
+              f"{row['vs_plain_fsync']:>15.1%} {row['client_cpu_s']:>13.3f} {row['server_cpu_s']:>13.3f}")
     cost = 1 - medians["plain+fsync"] / medians["mist pull"]
+    by_name = {row["variant"]: row for row in rows}
+
+    def total_cpu(v: str) -> float:
+        return by_name[v]["client_cpu_s"] + by_name[v]["server_cpu_s"]
+
+    cpu_cost = total_cpu("mist pull") / total_cpu("plain+fsync") - 1
     print(f"verification cost (mist pull vs plain+fsync, throughput lost): {cost:.1%}  (goal <= 10%)")
+    print(f"extra CPU of mist pull over plain+fsync, client and server together: {cpu_cost:.1%}; the "
+          f"wall-clock figure swings with the machine's load (above)")
     result = {"benchmark": "bench_ship", "command": "python benchmarks/bench_ship.py " + " ".join(sys.argv[1:]),
               "shards": len(names), "bytes": total, "rounds": args.rounds, "rows": rows,
-              "verification_cost": cost, "load_before": load_before, "load_after": load_after,
+              "verification_cost": cost, "extra_cpu": cpu_cost, "load_before": load_before, "load_after": load_after,
               "cpus": os.cpu_count(), "machine": platform.platform(), "python": platform.python_version(),
               "boto3": boto3.__version__, "botocore": botocore.__version__}
     args.out.parent.mkdir(parents=True, exist_ok=True)

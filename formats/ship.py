@@ -18,10 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import queue
 import re
 import shutil
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -496,40 +494,6 @@ def _check_names(manifest: Manifest, where: str) -> None:
         seen[folded] = shard.file
 
 
-class _BackgroundSha256:
-    """sha256 fed from a queue by a second thread, so hashing overlaps the network and the disk.
-
-    hashlib releases the GIL on large buffers; hashing inline cost about a third of a pull's throughput
-    (benchmarks/bench_ship.py), overlapped it costs a few percent. ``hexdigest`` waits for the last chunk.
-    """
-
-    def __init__(self, depth: int = 4):
-        self._digest = hashlib.sha256()
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
-        self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
-        self._thread.start()
-        self._result: str | None = None
-
-    def _run(self) -> None:
-        while (block := self._queue.get()) is not None:
-            self._digest.update(block)
-
-    def update(self, block: bytes) -> None:
-        self._queue.put(block)
-
-    def hexdigest(self) -> str:
-        if self._result is None:
-            self._queue.put(None)
-            self._thread.join()
-            self._result = self._digest.hexdigest()
-        return self._result
-
-    def close(self) -> None:
-        """Stop the thread without a result (the copy failed)."""
-        if self._result is None:
-            self.hexdigest()
-
-
 def _hash_stream(chunks: Iterable[bytes], digest: Any, progress: Progress, throttle: _Throttle,
                  ) -> Iterator[bytes]:
     for block in chunks:
@@ -607,7 +571,7 @@ def copy_set(src: LocalStore | S3Store, dst: LocalStore | S3Store, progress: Pro
 def _copy_shard(src: LocalStore | S3Store, dst: LocalStore | S3Store, name: str, sha256: str, size: int,
                 progress: Progress, throttle: _Throttle, chunk: int) -> None:
     for attempt in range(DOWNLOAD_ATTEMPTS):
-        digest = _BackgroundSha256()
+        digest = hashlib.sha256()
 
         def check(digest: Any = digest) -> None:
             if digest.hexdigest() != sha256:
@@ -621,8 +585,6 @@ def _copy_shard(src: LocalStore | S3Store, dst: LocalStore | S3Store, name: str,
             if not e.transient or attempt == DOWNLOAD_ATTEMPTS - 1:
                 raise
             time.sleep(2 ** attempt)
-        finally:
-            digest.close()
 
 
 def verify_set(store: LocalStore | S3Store, progress: Progress | None = None) -> Report:
