@@ -241,8 +241,11 @@ class S3Store:
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self.key(name))["Body"].read()
         except Exception as e:
-            if _error_code(e) in ("NoSuchKey", "404"):
+            if _error_code(e) == "NoSuchKey":
                 return None
+            if _error_code(e) == "404":  # S3 names a missing key; a bare 404 came from something else
+                raise ShipError(f"{self.where(name)}: the endpoint answered 404 without an S3 error; "
+                                f"is it an S3 store? (check --endpoint-url / {ENDPOINT_ENV})") from None
             raise _s3_error(e, self.where(name), self.bucket) from None
 
     def list_keys(self, under: str) -> dict[str, int]:
