@@ -125,6 +125,9 @@ def test_push_pull_round_trip_then_verify_and_train(endpoint, s3, tmp_path):
     assert "5 shards (5 copied, 0 already there)" in pushed.stdout
     assert pushed.stderr.count("copied, checksum matches") == 5  # one line per shard off a terminal
 
+    repushed = ok(cli("mist-cloud", "push", source, url)).stdout  # resumes: objects read back, hashed, kept
+    assert "(0 copied, 5 already there)" in repushed
+
     listing = ok(cli("mist-device", "ls", f"s3://{BUCKET}/sets")).stdout
     assert "sets/digits-train" in listing and "pixels-8x8" in listing and "complete" in listing
     ok(cli("mist-device", "verify", url))
