@@ -213,11 +213,16 @@ def same_shape_runs(shapes: list[tuple[int, int]]) -> list[list[int]]:
     return runs
 
 
-@main.command()
+@main.command(short_help="Ship a feature set to a USB stick or a bucket, verified.", epilog="""\b
+Examples:
+  mist-cloud push feats/train /media/usb/fmnist-train
+  mist-cloud push feats/train s3://mist-sets/fmnist/train --endpoint-url http://minio.lan:9000
+  mist-cloud push feats/train s3://mist-sets/fmnist/train --part-size 128 --json""")
 @click.argument("feature_set")
 @click.argument("destination")
-@click.option("--endpoint-url", envvar="MIST_S3_ENDPOINT_URL", default=None,
-              help="An S3-compatible endpoint (MinIO, Ceph, R2). Env: MIST_S3_ENDPOINT_URL. "
+@click.option("--endpoint-url", metavar="URL", default=None,
+              envvar=["MIST_PUSH_ENDPOINT_URL", "MIST_S3_ENDPOINT_URL"],
+              help="An S3-compatible endpoint (MinIO, Ceph, R2), e.g. http://minio:9000. "
                    "Credentials: the usual AWS variables, files, profiles.")
 @click.option("--part-size", type=click.IntRange(5, 5120), default=64,
               help="MiB per part; larger shards upload in parts, each retried with backoff.")

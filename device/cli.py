@@ -107,7 +107,7 @@ def _groups_text(groups: list[list[int]]) -> str:
 
 @main.command()
 @click.argument("feature_set")
-@ship_commands.ENDPOINT
+@ship_commands.endpoint_option("verify")
 @ship_commands.PROGRESS
 @ship_commands.JSON
 def verify(feature_set: str, endpoint_url: str | None, progress: str, as_json: bool) -> None:
@@ -455,7 +455,8 @@ Examples:
   mist-device info feats/train --json > manifest.json""",
     "verify": """\b
 Examples:
-  mist-device verify feats/train && mist-device verify feats/test""",
+  mist-device verify feats/train && mist-device verify feats/test
+  mist-device verify s3://mist-sets/fmnist/train""",
     "train": """\b
 Examples:
   mist-device train feats/train --out run --val-split 0.2

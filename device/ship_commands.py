@@ -9,18 +9,28 @@ import json
 
 import click
 
-ENDPOINT = click.option("--endpoint-url", envvar="MIST_S3_ENDPOINT_URL", default=None,
+
+def endpoint_option(command: str):
+    """--endpoint-url, read from MIST_<COMMAND>_ENDPOINT_URL or the shared MIST_S3_ENDPOINT_URL."""
+    return click.option("--endpoint-url", metavar="URL", default=None,
+                        envvar=[f"MIST_{command.upper()}_ENDPOINT_URL", "MIST_S3_ENDPOINT_URL"],
                         help="An S3-compatible endpoint (MinIO, Ceph, R2), e.g. http://minio:9000. "
-                             "Env: MIST_S3_ENDPOINT_URL. Credentials: the usual AWS variables, files, profiles.")
+                             "Credentials: the usual AWS variables, files, profiles.")
+
+
 PROGRESS = click.option("--progress", type=click.Choice(["auto", "bar", "lines", "none"]), default="auto",
                         help="On stderr. auto: a bar on a terminal, one line per shard otherwise.")
 JSON = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 
 
-@click.command()
+@click.command(short_help="Copy a feature set from a USB stick or a bucket, verified.", epilog="""\b
+Examples:
+  mist-device pull /media/usb/fmnist-train feats/train
+  mist-device pull s3://mist-sets/fmnist/train feats/train --endpoint-url http://minio.lan:9000
+  mist-device pull s3://mist-sets/fmnist/train feats/train --json    # rerun after an interruption""")
 @click.argument("source")
 @click.argument("destination")
-@ENDPOINT
+@endpoint_option("pull")
 @click.option("--overwrite", is_flag=True, help="Replace a different feature set already at DESTINATION.")
 @click.option("--max-rate", type=click.FloatRange(0, min_open=True), default=None,
               help="Cap the copy at this many MiB/s (a shared link).")
@@ -40,9 +50,12 @@ def pull(source: str, destination: str, endpoint_url: str | None, overwrite: boo
              as_json=as_json, progress=progress)
 
 
-@click.command(name="ls")
+@click.command(name="ls", short_help="List the feature sets in a folder or a bucket.", epilog="""\b
+Examples:
+  mist-device ls /media/usb
+  mist-device ls s3://mist-sets/fmnist --json""")
 @click.argument("location")
-@ENDPOINT
+@endpoint_option("ls")
 @JSON
 def ls(location: str, endpoint_url: str | None, as_json: bool) -> None:
     """List the feature sets in LOCATION (a folder or s3://bucket/prefix): backbone, groups, rows, bytes, state.
