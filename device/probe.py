@@ -146,7 +146,7 @@ def lbfgs(fun, w0: np.ndarray, max_iter: int, history: int = 10, tol: float = 1e
             if len(s_hist) > history:
                 s_hist.pop(0)
                 y_hist.pop(0)
-        converged = abs(f - f_new) <= tol * max(1.0, abs(f))
+        converged = abs(f - f_new) <= 1e-10 * max(1.0, abs(f))
         w, f, g = w_new, f_new, g_new
         if converged:
             return w, it + 1
