@@ -166,6 +166,8 @@ def verify(feature_set: str) -> None:
               help="Train every combination of 'KEY=V1,V2 KEY=...' (or a file holding that text) in one pass over "
               "the data, keys lr, wd, ls, blocks, rank, heads, pos; pick the best on validation (grid.json). Memory "
               "grows with the number of combinations (each holds ~5x its weights), not with the data.")
+@click.option("--probe-features", type=click.Choice(["both", "pooled", "flat"]), default="both",
+              help="With --model probe|auto: probes on the pooled maps (k*d values), the flattened maps, or both.")
 @click.option("--pos-embed", is_flag=True, help="Learn a position embedding for the tokens (zero at start).")
 @click.option("--patience", type=click.IntRange(0), default=0,
               help="With --grid/--model auto: stop a member after N epochs without a better validation accuracy.")
@@ -176,8 +178,9 @@ def train(train_set: str, run_dir: str, val_set: str | None, val_split: float, r
           blocks_per_group: int, pool: str, input_scale: float, epochs: int, batch_size: int, lr: float,
           min_lr: float, weight_decay: float, warmup: float, label_smoothing: float, grad_clip: float,
           seed: int, save_every: int, resume: bool, overwrite: bool, no_verify: bool, warmup_fraction: float,
-          val_seed: int | None, progress: str, log_every: int, step_metrics: bool,
-          model_kind: str, grid: str | None, pos_embed: bool, patience: int, memory_limit: float | None) -> None:
+          val_seed: int | None, progress: str, log_every: int, step_metrics: bool, model_kind: str,
+          grid: str | None, probe_features: str, pos_embed: bool, patience: int,
+          memory_limit: float | None) -> None:
     """Train the LAE adaptor on TRAIN_SET, a feature set written by `mist-cloud extract`.
 
     Minibatches stream from the shards, so memory stays bounded whatever the set's size. Each epoch
@@ -207,7 +210,7 @@ def train(train_set: str, run_dir: str, val_set: str | None, val_split: float, r
 
         try:
             run_grid(run_dir, train_fs, val_fs, cfg, opts, model_kind, grid, patience, memory_limit, resume,
-                     overwrite, log=click.echo)
+                     overwrite, log=click.echo, probe_features=probe_features)
         except ValueError as e:
             raise click.UsageError(str(e)) from None
         return

@@ -458,13 +458,15 @@ def probe_configs(base_cfg: LAEConfig, features: tuple[str, ...] = PROBE_FEATURE
 
 def run_grid(run_dir: str, train_set: FeatureSet, val_set: FeatureSet | None, base_cfg: LAEConfig,
              opts: TrainOptions, model: str, grid: str | None, patience: int, memory_limit_mib: float | None,
-             resume: bool, overwrite: bool, log: Callable[[str], None]) -> dict[str, Any]:
+             resume: bool, overwrite: bool, log: Callable[[str], None],
+             probe_features: str = "both") -> dict[str, Any]:
     """What ``mist-device train`` does for --grid or --model probe|auto; errors are one-line ValueErrors
     (usage) or TrainingErrors."""
     if model == "probe" and grid:
         raise ValueError("--grid varies the adaptor; --model probe has no adaptor (use --model auto)")
     combos = parse_grid(grid) if grid else ([] if model == "probe" else [{}])
-    probes = probe_configs(base_cfg) if model in ("probe", "auto") else []
+    features = PROBE_FEATURES if probe_features == "both" else (probe_features,)
+    probes = probe_configs(base_cfg, features) if model in ("probe", "auto") else []
     trainer = GridTrainer(run_dir, train_set, val_set, base_cfg, opts, combos, probes, patience, log)
     limit = memory_limit_mib * 2**20 if memory_limit_mib else physical_memory_bytes() / 2
     if trainer.memory_bytes > limit:
