@@ -175,12 +175,28 @@ def verify(feature_set: str, endpoint_url: str | None, progress: str, as_json: b
 @click.option("--step-metrics", is_flag=True,
               help="Also append a per-step record ({\"kind\": \"step\", ...}) to RUN_DIR/metrics.jsonl, "
                    "every step or every --log-every N.")
+@click.option("--model", "model_kind", type=click.Choice(["lae", "probe", "auto"]), default="lae",
+              help="lae: the adaptor; probe: standardised logistic regression (pooled and flattened, several L2) "
+              "chosen on validation; auto: probes and adaptors (--grid) in one validated search, keeping the best.")
+@click.option("--grid", default=None,
+              help="Train every combination of 'KEY=V1,V2 KEY=...' (or a file holding that text) in one pass over "
+              "the data, keys lr, wd, ls, blocks, rank, heads, pos; pick the best on validation (grid.json). Memory "
+              "grows with the number of combinations (each holds ~5x its weights), not with the data.")
+@click.option("--probe-features", type=click.Choice(["both", "pooled", "flat"]), default="both",
+              help="With --model probe|auto: probes on the pooled maps (k*d values), the flattened maps, or both.")
+@click.option("--pos-embed", is_flag=True, help="Learn a position embedding for the tokens (zero at start).")
+@click.option("--patience", type=click.IntRange(0), default=0,
+              help="With --grid/--model auto: stop a member after N epochs without a better validation accuracy.")
+@click.option("--memory-limit", type=click.FloatRange(1), default=None,
+              help="MiB the grid may use (default: half the machine's memory); a grid estimated above it is refused.")
 @_threads_option
 def train(train_set: str, run_dir: str, val_set: str | None, val_split: float, rank: int, heads: int,
           blocks_per_group: int, pool: str, input_scale: float, epochs: int, batch_size: int, lr: float,
           min_lr: float, weight_decay: float, warmup: float, label_smoothing: float, grad_clip: float,
           seed: int, save_every: int, resume: bool, overwrite: bool, no_verify: bool, warmup_fraction: float,
-          val_seed: int | None, progress: str, log_every: int, step_metrics: bool) -> None:
+          val_seed: int | None, progress: str, log_every: int, step_metrics: bool, model_kind: str,
+          grid: str | None, probe_features: str, pos_embed: bool, patience: int,
+          memory_limit: float | None) -> None:
     """Train the LAE adaptor on TRAIN_SET, a feature set written by `mist-cloud extract`.
 
     Minibatches stream from the shards, so memory stays bounded whatever the set's size. Each epoch
@@ -198,13 +214,22 @@ def train(train_set: str, run_dir: str, val_set: str | None, val_split: float, r
         check_compatible(train_fs.manifest, val_fs.manifest)
     try:
         cfg = build_config(train_fs, rank=rank, heads=heads, blocks_per_group=blocks_per_group, pool=pool,
-                           input_scale=input_scale)
+                           input_scale=input_scale, pos_embed=pos_embed)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     opts = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, weight_decay=weight_decay,
                         warmup_epochs=warmup, label_smoothing=label_smoothing, grad_clip=grad_clip, seed=seed,
                         val_split=0.0 if val_fs is not None else val_split, save_every=save_every,
                         warmup_fraction=warmup_fraction, val_seed=val_seed)
+    if grid is not None or model_kind != "lae":
+        from .grid import run_grid
+
+        try:
+            run_grid(run_dir, train_fs, val_fs, cfg, opts, model_kind, grid, patience, memory_limit, resume,
+                     overwrite, log=click.echo, probe_features=probe_features)
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
+        return
     trainer = Trainer(run_dir, train_fs, val_fs, cfg, opts, log=click.echo)
     if trainer.warmup_warning:
         click.echo(f"warning: {trainer.warmup_warning}", err=True)
@@ -229,7 +254,7 @@ def _load_adaptor(path: str):
     """A checkpoint file, or a run directory (its best checkpoint, else its last)."""
     from mist.formats import FormatError, load_checkpoint
 
-    from .lae import LAE, LAEConfig
+    from .models import model_from_checkpoint
 
     p = Path(path)
     if p.is_dir():
@@ -238,13 +263,7 @@ def _load_adaptor(path: str):
         if p is None:
             raise FormatError(f"{path}: run directory holds no best.safetensors or last.safetensors")
     ckpt = load_checkpoint(p)
-    try:
-        cfg = LAEConfig.from_dict(ckpt.config)
-        cfg.validate()
-        model = LAE(cfg, {k: v.astype("float32") for k, v in ckpt.params.items()})
-    except (KeyError, TypeError, ValueError) as e:
-        raise FormatError(f"{p}: checkpoint config or weights do not form an LAE ({e})") from None
-    return ckpt, model, p
+    return ckpt, model_from_checkpoint(ckpt, p), p
 
 
 def _check_set_against(ckpt, ckpt_path: Path, fs, classes: bool = True) -> None:
@@ -360,7 +379,8 @@ def export(adaptor: str, out: str) -> None:
     ckpt, _, path = _load_adaptor(adaptor)
     if Path(out).resolve() == path.resolve():
         raise click.UsageError(f"{out} is the checkpoint being exported; choose another output file")
-    slim = Checkpoint(params=ckpt.params, config=ckpt.config, classes=ckpt.classes, feature_set=ckpt.feature_set)
+    slim = Checkpoint(params=ckpt.params, config=ckpt.config, classes=ckpt.classes, feature_set=ckpt.feature_set,
+                      kind=ckpt.kind)
     save_checkpoint(out, slim)
     size = Path(out).stat().st_size
     click.echo(f"exported {path} -> {out} ({size:,} bytes)")

@@ -2,7 +2,7 @@
 
 Input: k summed feature maps per image, x of shape (B, k, T, d), one map per Gather* group.
 
-    state = 0
+    state = pos_embed (a learned (T, d) table, zero at init; only with pos_embed=True) or 0
     for group j in 0..k-1:
         state = state + x[:, j]                                  # group j's map joins the running state
         for each of its blocks_per_group blocks:
@@ -45,6 +45,9 @@ class LAEConfig:
     pool: str = "mean"  # or "cls": token 0, only meaningful when the features carry a class token
     input_scale: float = 1.0  # features are multiplied by this before use
     init_std: float = 0.02  # std of the normal init of qkv.weight and head.weight
+    # A learned position embedding added to the first map: attention alone is blind to where a token sits
+    # (a location task needs it), and the backbone's own position signal may have faded by the tapped layers.
+    pos_embed: bool = False
 
     def validate(self) -> None:
         for name in ("dim", "tokens", "groups", "num_classes", "rank", "heads"):
@@ -89,6 +92,8 @@ def param_shapes(cfg: LAEConfig) -> dict[str, tuple[int, ...]]:
     """
     d, r, C = cfg.dim, cfg.rank, cfg.num_classes
     shapes: dict[str, tuple[int, ...]] = {}
+    if cfg.pos_embed:
+        shapes["pos_embed"] = (cfg.tokens, d)
     for b in range(cfg.num_blocks):
         shapes[f"blocks.{b}.norm.weight"] = (d,)
         shapes[f"blocks.{b}.norm.bias"] = (d,)
@@ -116,7 +121,7 @@ def init_params(cfg: LAEConfig, seed: int, dtype: np.dtype | type = np.float32) 
             p = np.ones(shape)
         elif name.endswith("qkv.weight") or name == "head.weight":
             p = rng.standard_normal(shape) * cfg.init_std
-        else:  # biases, and out.weight: zero so the untrained adaptor adds nothing to the residual stream
+        else:  # biases, out.weight and pos_embed: zero so the untrained adaptor adds nothing to the state
             p = np.zeros(shape)
         params[name] = p.astype(dtype)
     return params
@@ -177,7 +182,10 @@ class LAE:
         state = None
         b = 0
         for j in range(cfg.groups):
-            state = x[:, j] if state is None else state + x[:, j]
+            if state is None:
+                state = x[:, 0] + p["pos_embed"] if cfg.pos_embed else x[:, 0]
+            else:
+                state = state + x[:, j]
             for _ in range(cfg.blocks_per_group):
                 pre = f"blocks.{b}."
                 h, ln_cache = layernorm_forward(state, p[pre + "norm.weight"], p[pre + "norm.bias"])
@@ -220,8 +228,9 @@ class LAE:
             dh, g[pre + "qkv.weight"], g[pre + "qkv.bias"], g[pre + "out.weight"], g[pre + "out.bias"] = (
                 attention_backward(dstate, attn_cache)
             )
-            # Block 0's input is x[:, 0], frozen features with no parameters upstream: skip its dx.
-            need_dx = b > 0 or dx is not None
+            # Block 0's input is x[:, 0], frozen features with no parameters upstream: skip its dx (unless
+            # the position embedding, added there, needs it).
+            need_dx = b > 0 or dx is not None or cfg.pos_embed
             dstate_ln, g[pre + "norm.weight"], g[pre + "norm.bias"] = layernorm_backward(
                 dh, blk_ln_cache, need_dx=need_dx
             )
@@ -231,6 +240,8 @@ class LAE:
             # state's gradient at that point (only formed on request: the features are frozen).
             if dx is not None and b % cfg.blocks_per_group == 0:
                 dx[:, b // cfg.blocks_per_group] = dstate
+        if cfg.pos_embed:  # added to every image's first state: its gradient is that state's, summed
+            g["pos_embed"] = dstate.sum(axis=0)
         grads = {name: g[name] for name in self.params}  # canonical order
         if dx is not None:
             grads["input"] = dx * cfg.input_scale

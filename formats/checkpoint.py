@@ -4,7 +4,10 @@ Tensors are stored as ``param.<name>`` (the adaptor's weights) and, in resumable
 ``optim.<name>`` (optimizer moments, plus integer counters such as the step). Metadata values are JSON
 strings:
 
-- ``format`` / ``format_version``: ``mist-adaptor`` / ``1``;
+- ``format`` / ``format_version``: ``mist-adaptor`` / ``1`` (an LAE) or ``2`` (any other model kind, so a mist
+  that knows only the LAE refuses it cleanly instead of misreading it);
+- ``model_kind`` (version 2): ``lae``, ``probe`` or ``grid`` (the resumable state of a whole
+  ``train --grid``); absent means ``lae``, so every version-1 checkpoint still loads;
 - ``config``: the adaptor's configuration;
 - ``classes``: class names, index = output unit;
 - ``feature_set``: fingerprint and layout of the set it was trained on, so evaluation can refuse a set made
@@ -29,7 +32,8 @@ from .errors import FormatError
 from .safetensors_check import DTYPE_NAMES, read_header, write_safetensors
 
 CHECKPOINT_FORMAT = "mist-adaptor"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+MODEL_KINDS = ("lae", "probe", "grid")
 PARAM, OPTIM = "param.", "optim."
 _JSON_KEYS = ("config", "classes", "feature_set", "train_state")
 
@@ -42,6 +46,7 @@ class Checkpoint:
     feature_set: dict[str, Any]
     optimizer: dict[str, np.ndarray] = field(default_factory=dict)
     train_state: dict[str, Any] | None = None
+    kind: str = "lae"
 
     @property
     def resumable(self) -> bool:
@@ -61,7 +66,13 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> None:
                               "weights must be floating point")
         if not np.all(np.isfinite(value)):
             raise FormatError(f"{path}: refusing to write a checkpoint with non-finite values in {name!r}")
-    metadata = {"format": CHECKPOINT_FORMAT, "format_version": str(CHECKPOINT_VERSION)}
+    if ckpt.kind not in MODEL_KINDS:
+        raise FormatError(f"{path}: unknown model kind {ckpt.kind!r}; expected one of {MODEL_KINDS}")
+    # An LAE checkpoint stays version 1, byte for byte what earlier mist wrote and reads.
+    version = 1 if ckpt.kind == "lae" else CHECKPOINT_VERSION
+    metadata = {"format": CHECKPOINT_FORMAT, "format_version": str(version)}
+    if ckpt.kind != "lae":
+        metadata["model_kind"] = ckpt.kind
     for key in _JSON_KEYS:
         value = getattr(ckpt, key)
         if value is not None:
@@ -83,7 +94,9 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if version > CHECKPOINT_VERSION:
         raise FormatError(f"{path}: checkpoint format {version} is newer than this mist reads "
                           f"({CHECKPOINT_VERSION}); upgrade mist")
-    fields: dict[str, Any] = {}
+    fields: dict[str, Any] = {"kind": meta.get("model_kind", "lae")}
+    if fields["kind"] not in MODEL_KINDS:
+        raise FormatError(f"{path}: unknown model kind {fields['kind']!r}; expected one of {MODEL_KINDS}")
     for key in _JSON_KEYS:
         if key not in meta:
             if key == "train_state":

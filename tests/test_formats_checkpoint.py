@@ -165,7 +165,7 @@ def test_truncated_checkpoint(tmp_path: Path, keep: int) -> None:
 
 def test_checkpoint_from_a_newer_version(tmp_path: Path) -> None:
     path = tmp_path / "c.safetensors"
-    save_file({"param.w": np.zeros(2, np.float32)}, str(path), metadata=good_metadata(format_version="2"))
+    save_file({"param.w": np.zeros(2, np.float32)}, str(path), metadata=good_metadata(format_version="3"))
     load_fails(path, "newer", "upgrade")
 
 

@@ -34,6 +34,8 @@ CASES = [
     dict(groups=1, blocks_per_group=2, pool="cls"),
     dict(groups=2, blocks_per_group=1, pool="cls"),
     dict(groups=2, blocks_per_group=2, pool="mean", input_scale=0.5),
+    dict(groups=2, blocks_per_group=1, pool="mean", pos_embed=True),
+    dict(groups=1, blocks_per_group=0, pool="mean", pos_embed=True),
 ]
 
 

@@ -1,0 +1,1 @@
+"""VTAB-style structured tasks composed from real images; see structured.py."""
