@@ -21,10 +21,10 @@ import numpy as np
 from .atomic import atomic_write, atomic_write_json
 from .errors import FormatError
 from .manifest import MANIFEST_NAME, Manifest, Shard
+from .quant import FEATURES, SCALES, bad_scale, decode_features, encode_features, is_quantised, stored_shapes
 from .safetensors_check import Header, expect_tensor, read_header, write_safetensors
 
-FEATURES, LABELS, IDS = "features", "labels", "ids"
-_STORAGE = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
+LABELS, IDS = "labels", "ids"
 
 
 def shard_name(index: int) -> str:
@@ -58,7 +58,7 @@ class FeatureSetWriter:
         self.directory = Path(directory)
         self.shard_rows = shard_rows
         self.manifest = manifest.with_shards([], complete=False)
-        self._buffer: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._buffer: list[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]] = []
         self._buffered = 0
         self.directory.mkdir(parents=True, exist_ok=True)
         manifest_path = self.directory / MANIFEST_NAME
@@ -99,7 +99,11 @@ class FeatureSetWriter:
         self.manifest = existing
 
     def add(self, features: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> None:
-        """Buffer a batch of rows; full shards are written as soon as they fill."""
+        """Buffer a batch of rows; full shards are written as soon as they fill.
+
+        Rows are encoded in the storage dtype here (quantised per token for int8/int4, from fp32), so the
+        buffer holds stored bytes, not fp32.
+        """
         features = np.asarray(features)
         n = features.shape[0]
         if features.shape[1:] != self.manifest.row_shape:
@@ -107,7 +111,7 @@ class FeatureSetWriter:
                              f"{self.manifest.row_shape}")
         if np.asarray(labels).shape != (n,) or np.asarray(ids).shape != (n,):
             raise ValueError("labels and ids need one entry per row")
-        self._buffer.append((features, np.asarray(labels), np.asarray(ids)))
+        self._buffer.append((encode_features(features, self.manifest.dtype), np.asarray(labels), np.asarray(ids)))
         self._buffered += n
         while self._buffered >= self.shard_rows:
             self._flush(self.shard_rows)
@@ -125,26 +129,31 @@ class FeatureSetWriter:
         return self.manifest
 
     def _flush(self, n: int, complete: bool = False) -> None:
-        feats = np.concatenate([b[0] for b in self._buffer])
+        stored = {name: np.concatenate([b[0][name] for b in self._buffer]) for name in self._buffer[0][0]}
         labels = np.concatenate([b[1] for b in self._buffer])
         ids = np.concatenate([b[2] for b in self._buffer])
-        rest = (feats[n:], labels[n:], ids[n:])
-        self._buffer = [rest] if len(rest[0]) else []
-        self._buffered = len(rest[0])
+        rest = ({name: value[n:] for name, value in stored.items()}, labels[n:], ids[n:])
+        self._buffer = [rest] if len(rest[1]) else []
+        self._buffered = len(rest[1])
 
-        shard = write_shard(self.directory, len(self.manifest.shards), self.manifest, feats[:n], labels[:n],
-                            ids[:n])
+        shard = write_shard(self.directory, len(self.manifest.shards), self.manifest,
+                            {name: value[:n] for name, value in stored.items()}, labels[:n], ids[:n])
         self.manifest = self.manifest.with_shards([*self.manifest.shards, shard], complete=complete)
         atomic_write_json(self.directory / MANIFEST_NAME, self.manifest.to_json())
 
 
-def write_shard(directory: Path, index: int, manifest: Manifest, features: np.ndarray, labels: np.ndarray,
-                ids: np.ndarray) -> Shard:
-    """Commit one shard file atomically (its bytes depend only on the rows, ``index`` and the layout)."""
+def write_shard(directory: Path, index: int, manifest: Manifest, features: np.ndarray | dict[str, np.ndarray],
+                labels: np.ndarray, ids: np.ndarray) -> Shard:
+    """Commit one shard file atomically (its bytes depend only on the rows, ``index`` and the layout).
+
+    ``features`` is a float (B, k, T, d) batch, encoded here in the manifest's dtype (int8/int4: quantised
+    from fp32), or the tensors ``encode_features`` already made for it.
+    """
     name = shard_name(index)
+    stored = features if isinstance(features, dict) else encode_features(features, manifest.dtype)
     tensors = {
         # safetensors 0.8 writes the wrong bytes for non-contiguous arrays, without a warning.
-        FEATURES: np.ascontiguousarray(features, dtype=_STORAGE[manifest.dtype]),
+        **{key: np.ascontiguousarray(value) for key, value in stored.items()},
         LABELS: np.ascontiguousarray(labels, dtype=np.int64),
         IDS: np.ascontiguousarray(ids, dtype=np.int64),
     }
@@ -178,19 +187,35 @@ class _ShardView:
     path: Path
     rows: int
     start: int  # global index of the shard's first row
-    features_offset: int
+    offsets: dict[str, int]  # file offset of each stored feature tensor (features, and scales if quantised)
 
 
 def _check_shard(directory: Path, shard: Shard, manifest: Manifest, verify: bool) -> Header:
     path = directory / shard.file
     header = read_header(path)
     n = shard.rows
-    expect_tensor(header, FEATURES, (_STORAGE[manifest.dtype],), (n, *manifest.row_shape))
+    for name, (storage, shape) in stored_shapes(manifest.dtype, n, manifest.row_shape).items():
+        expect_tensor(header, name, (storage,), shape)
     expect_tensor(header, LABELS, (np.dtype("<i8"),), (n,))
     expect_tensor(header, IDS, (np.dtype("<i8"),), (n,))
     if verify and sha256_file(path) != shard.sha256:
         raise FormatError(f"{path}: checksum mismatch (the file is corrupt or was modified)")
+    if is_quantised(manifest.dtype):
+        _check_scales(header)
     return header
+
+
+def _check_scales(header: Header) -> None:
+    """Every scale must be finite and > 0; the scales are 2 bytes a token, so reading them all is cheap."""
+    entry = header.tensors[SCALES]
+    with open(header.path, "rb") as f:
+        f.seek(entry.offset)
+        scales = np.frombuffer(f.read(entry.nbytes), dtype=entry.dtype).reshape(entry.shape)
+    found = bad_scale(scales)
+    if found is not None:
+        (row, group, token), what = found
+        raise FormatError(f"{header.path}: tensor 'scales' holds a {what} scale (row {row}, group {group}, "
+                          f"token {token}); the shard is corrupt")
 
 
 class FeatureSet:
@@ -218,12 +243,15 @@ class FeatureSet:
                                   f"{len(self.manifest.classes)} classes (labels are class indices, or -1)")
             labels.append(shard_labels)
             ids.append(self._read_small(header, IDS))
-            self._shards.append(_ShardView(header.path, shard.rows, start, header.tensors[FEATURES].offset))
+            offsets = {name: header.tensors[name].offset
+                       for name in stored_shapes(self.manifest.dtype, 0, self.row_shape)}
+            self._shards.append(_ShardView(header.path, shard.rows, start, offsets))
             start += shard.rows
         self.labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
         self.ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
         self._starts = np.array([s.start for s in self._shards], dtype=np.int64)
-        self._storage = _STORAGE[self.manifest.dtype]
+        self._stored = {name: storage for name, (storage, _) in
+                        stored_shapes(self.manifest.dtype, 0, self.row_shape).items()}
 
     @staticmethod
     def _read_small(header: Header, name: str) -> np.ndarray:
@@ -254,12 +282,24 @@ class FeatureSet:
         for shard in self.manifest.shards:
             _check_shard(self.directory, shard, self.manifest, verify=True)
 
-    def read(self, rows: np.ndarray, dtype: np.dtype = np.float32) -> np.ndarray:
-        """Features for the given global row indices, in the given order, as (len(rows), k, T, d)."""
+    def read(self, rows: np.ndarray, dtype: np.dtype = np.float32, out: np.ndarray | None = None) -> np.ndarray:
+        """Features for the given global row indices, in the given order, as (len(rows), k, T, d).
+
+        Quantised sets are dequantised here, one batch at a time; ``out`` (C-contiguous, of that shape and
+        ``dtype``) lets a caller reuse one buffer from batch to batch.
+        """
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"row index out of range for a set of {len(self)} rows")
-        out = np.empty((len(rows), *self.row_shape), dtype=dtype)
+        shape = (len(rows), *self.row_shape)
+        if out is None:
+            out = np.empty(shape, dtype=dtype)
+        elif out.shape != shape or out.dtype != np.dtype(dtype):
+            raise ValueError(f"out has shape {out.shape} and dtype {out.dtype}, expected {shape} and {dtype}")
+        quantised = is_quantised(self.manifest.dtype)
+        # Quantised rows are gathered as stored (1 or 1/2 byte a value), then decoded once for the batch.
+        stored = {name: np.empty((len(rows), *self._stored_shape(name)), storage)
+                  for name, storage in self._stored.items()} if quantised else {FEATURES: out}
         shard_of = np.searchsorted(self._starts, rows, side="right") - 1
         for s in np.unique(shard_of):
             view = self._shards[s]
@@ -268,11 +308,21 @@ class FeatureSet:
             # A fresh memmap per read keeps no pages pinned between batches; sorted local rows read the
             # file front to back.
             order = np.argsort(local, kind="stable")
-            mm = np.memmap(view.path, dtype=self._storage, mode="r", offset=view.features_offset,
-                           shape=(view.rows, *self.row_shape))
-            out[pick[order]] = mm[local[order]]
-            del mm
+            for name, target in stored.items():
+                mm = np.memmap(view.path, dtype=self._stored[name], mode="r", offset=view.offsets[name],
+                               shape=(view.rows, *self._stored_shape(name)))
+                target[pick[order]] = mm[local[order]]
+                del mm
+        if quantised:
+            if out.dtype == np.float32:
+                decode_features(stored, self.manifest.dtype, self.row_shape, out=out)
+            else:
+                out[...] = decode_features(stored, self.manifest.dtype, self.row_shape)
         return out
+
+    def _stored_shape(self, name: str) -> tuple[int, ...]:
+        """The per-row shape of a stored tensor: (k, T, d) codes, (k, T) scales, or (bytes,) packed int4."""
+        return stored_shapes(self.manifest.dtype, 1, self.row_shape)[name][1][1:]
 
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0,
                 start_batch: int = 0, dtype: np.dtype = np.float32,

@@ -13,11 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FormatError
+from .quant import SCHEMES, STORAGE_DTYPES, is_quantised
 
 FORMAT_NAME = "mist-feature-set"
-FORMAT_VERSION = 1
+# The newest version this code reads. A set is written with the lowest version that describes it: float16
+# and float32 sets stay version 1 (readable by older mist), int8 and int4 sets need version 2 (§11).
+FORMAT_VERSION = 2
+QUANTISED_SINCE = 2
 MANIFEST_NAME = "manifest.json"
-STORAGE_DTYPES = ("float16", "float32")
 SCALES = ("none", "mean")
 POOLS = ("none", "mean", "cls")
 
@@ -63,9 +66,9 @@ class Manifest:
         return replace(self, shards=list(shards), rows=sum(s.rows for s in shards), complete=complete)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        body = {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": QUANTISED_SINCE if is_quantised(self.dtype) else 1,
             "backbone": dict(self.backbone),
             "gather": {"groups": [list(g) for g in self.groups], "scale": self.scale,
                        "layer_names": list(self.layer_names),
@@ -83,6 +86,11 @@ class Manifest:
             "rows": self.rows,
             "complete": self.complete,
         }
+        if is_quantised(self.dtype):  # after "dtype", so a person reading the manifest sees them together
+            items = list(body.items())
+            at = [key for key, _ in items].index("dtype") + 1
+            body = dict([*items[:at], ("quantization", SCHEMES[self.dtype].describe()), *items[at:]])
+        return body
 
     def layout_fingerprint(self) -> str:
         """Hash of everything except the shard list: two writers with equal fingerprints write the same set."""
@@ -203,6 +211,13 @@ def _parse(obj: Any, source: str) -> Manifest:
     dtype = top.get("dtype", str)
     if dtype not in STORAGE_DTYPES:
         raise top.fail("dtype", f"must be one of {STORAGE_DTYPES}, got {dtype!r}")
+    if is_quantised(dtype):
+        if version < QUANTISED_SINCE:
+            raise top.fail("dtype", f"{dtype!r} needs format_version {QUANTISED_SINCE}, the manifest says {version}")
+        scheme = top.get("quantization", dict)
+        if scheme != SCHEMES[dtype].describe():
+            raise top.fail("quantization", f"does not describe the {dtype} scheme this mist reads "
+                                           f"(got {json.dumps(scheme, sort_keys=True)[:120]})")
     data_config = top.get("data_config", dict)
     classes = top.get("classes", list)
     if not all(isinstance(c, str) for c in classes):

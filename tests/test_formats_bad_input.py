@@ -12,7 +12,7 @@ import pytest
 from format_fixtures import edit_manifest, make_manifest, make_rows, one_line, shard_file, small_set
 from safetensors.numpy import save_file
 
-from mist.formats import FeatureSet, FeatureSetWriter, FormatError, Manifest
+from mist.formats import FORMAT_VERSION, FeatureSet, FeatureSetWriter, FormatError, Manifest
 from mist.formats.safetensors_check import MAX_HEADER_BYTES, read_header
 
 
@@ -190,8 +190,8 @@ def test_manifest_from_a_newer_format_version(tmp_path: Path) -> None:
     small_set(tmp_path)
 
     def newer(obj: dict[str, Any]) -> None:
-        obj["format_version"] = 2
-        obj["something_new"] = {"v2": True}
+        obj["format_version"] = FORMAT_VERSION + 1
+        obj["something_new"] = {"v_next": True}
         del obj["dim"]  # a v2 manifest may lack v1 fields: the version must be checked before them
 
     edit_manifest(tmp_path, newer)
