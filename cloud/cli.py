@@ -107,7 +107,8 @@ def _weights_choice(pretrained: bool, weights: str | None, random_init: bool) ->
                    "`mist-cloud info MODEL` lists the layers.")
 @click.option("--scale", type=click.Choice(["none", "mean"]), default="none",
               help="Divide each group's sum by its size (mean) or not.")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", help="Storage dtype.")
+@click.option("--dtype", type=click.Choice(["float16", "float32", "int8", "int4"]), default="float16",
+              help="Storage dtype. int8/int4: the fp32 sums quantised with one fp16 scale per token.")
 @click.option("--batch-size", type=int, default=16)
 @click.option("--workers", type=int, default=1, help="DataLoader processes that decode images.")
 @click.option("--threads", type=click.IntRange(1), default=None,
@@ -161,6 +162,25 @@ def extract(model: str, pretrained: bool, weights: str | None, random_init: bool
         autocast=autocast,
     )
     run(cfg, log=_log)
+
+
+@main.command()
+@click.argument("feature_set", type=click.Path(exists=True, file_okay=False))
+@click.option("--dtype", type=click.Choice(["float16", "float32", "int8", "int4"]), required=True,
+              help="The storage dtype of the new set.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The new feature-set directory.")
+@click.option("--shard-rows", type=click.IntRange(1), default=None,
+              help="Rows per shard of the new set. Default: the source set's.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing set at --out instead of resuming it.")
+def convert(feature_set: str, dtype: str, out: str, shard_rows: int | None, overwrite: bool) -> None:
+    """Re-encode FEATURE_SET in another storage dtype into --out, without the backbone.
+
+    The rows are decoded to fp32 and encoded again (int8/int4: quantised per token). Rerunning the same
+    command after an interruption resumes after the last whole shard.
+    """
+    from .convert import convert as run
+
+    run(Path(feature_set), Path(out), dtype, shard_rows=shard_rows, overwrite=overwrite, log=_log)
 
 
 @main.command()

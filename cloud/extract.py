@@ -19,6 +19,7 @@ import torch
 
 from mist.formats import FeatureSet, FeatureSetWriter, Manifest
 from mist.formats.atomic import atomic_write_bytes
+from mist.formats.quant import SCHEMES, QuantError
 from mist.formats.ship import MAX_SHARD_BYTES, capped_shard_rows
 
 from . import distributed, precision
@@ -155,7 +156,7 @@ def extract(cfg: ExtractConfig, log: Log = print) -> ExtractResult:
                     images = images.contiguous(memory_format=torch.channels_last)
                 with precision.autocast(autocast, device):
                     sums = tap(images)
-                sums = finish(pool_tokens(sums, cfg.pool), groups, cfg.scale, cfg.dtype).cpu()
+                sums = finish(pool_tokens(sums, cfg.pool), groups, cfg.scale, _sum_dtype(cfg.dtype)).cpu()
                 progress.update(len(row_ids))
                 yield sums.numpy(), labels.numpy(), row_ids.numpy()
 
@@ -183,7 +184,10 @@ def extract(cfg: ExtractConfig, log: Log = print) -> ExtractResult:
     written = 0
     try:
         for batch, labels, row_ids in features(pending, skips, progress):
-            writer.add(batch, labels, row_ids)
+            try:  # int8/int4: the writer quantises the fp32 sums per token (mist.formats.quant)
+                writer.add(batch, labels, row_ids)
+            except QuantError as e:
+                raise CloudError(f"--dtype {cfg.dtype}: {e}") from None
             written += len(row_ids)
         final = writer.close()
     finally:
@@ -200,8 +204,8 @@ def extract(cfg: ExtractConfig, log: Log = print) -> ExtractResult:
 def _check(cfg: ExtractConfig) -> None:
     if cfg.batch_size < 1 or cfg.shard_rows < 1 or cfg.workers < 0:
         raise CloudError("--batch-size and --shard-rows must be >= 1, --workers >= 0")
-    if cfg.dtype not in DTYPES:
-        raise CloudError(f"--dtype must be one of {tuple(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.dtype not in DTYPES and cfg.dtype not in SCHEMES:
+        raise CloudError(f"--dtype must be one of {(*DTYPES, *SCHEMES)}, got {cfg.dtype!r}")
     if cfg.scale not in SCALES:
         raise CloudError(f"--scale must be one of {SCALES}, got {cfg.scale!r}")
     if (cfg.weights == "file") != bool(cfg.weights_file):
@@ -220,6 +224,11 @@ def _data_overrides(cfg: ExtractConfig) -> dict:
     data_config records the result, so the device's compatibility check still tells two such sets apart."""
     overrides = {"crop_pct": cfg.crop_pct, "crop_mode": cfg.crop_mode, "interpolation": cfg.interpolation}
     return {key: value for key, value in overrides.items() if value is not None}
+
+
+def _sum_dtype(storage: str) -> str:
+    """The dtype the writer receives: the storage dtype for floats, the fp32 sums for a quantised set."""
+    return storage if storage in DTYPES else "float32"
 
 
 def _device(name: str) -> torch.device:

@@ -79,7 +79,10 @@ def info(feature_set: str, as_json: bool) -> None:
         return
     import numpy as np
 
-    nbytes = int(np.prod(m.row_shape)) * (2 if m.dtype == "float16" else 4)
+    from mist.formats.quant import bytes_per_row
+
+    nbytes = bytes_per_row(m.dtype, m.row_shape)
+    float16_bytes = bytes_per_row("float16", m.row_shape)
     counts = np.bincount(fs.labels[fs.labels >= 0], minlength=len(m.classes)) if len(m.classes) else []
     lines = [
         f"feature set   {fs.directory}",
@@ -87,7 +90,7 @@ def info(feature_set: str, as_json: bool) -> None:
         f"sha256 {m.backbone.get('weights_sha256', '')[:12]})",
         f"gather        k={m.k} groups {_groups_text(m.groups)}  scale={m.scale}",
         f"tokens        T={m.tokens} (prefix {m.prefix_tokens}, grid {m.grid})  d={m.dim}  dtype={m.dtype}",
-        f"per image     {nbytes:,} bytes shipped",
+        f"per image     {nbytes:,} bytes shipped ({100 * nbytes / float16_bytes:.1f}% of float16)",
         f"rows          {len(fs):,} in {len(m.shards)} shards  split={m.split}",
         f"classes       {len(m.classes)}: " + ", ".join(
             f"{c} ({n})" for c, n in zip(m.classes, counts)),
