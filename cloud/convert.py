@@ -46,7 +46,7 @@ def convert(source: Path, out: Path, dtype: str, shard_rows: int | None = None, 
         try:
             writer.add(fs.read(rows), fs.labels[rows], fs.ids[rows])
         except QuantError as e:
-            raise CloudError(f"{source}: rows {rows[0]}-{rows[-1]}: {e}") from None
+            raise CloudError(f"{source}: rows {rows[0]}-{rows[-1]}: {e}; keep float16 or float32") from None
     final = writer.close()
     skipped = source / SKIPPED_NAME
     if skipped.exists():  # the record of images the extraction could not decode travels with the rows

@@ -187,7 +187,7 @@ def extract(cfg: ExtractConfig, log: Log = print) -> ExtractResult:
             try:  # int8/int4: the writer quantises the fp32 sums per token (mist.formats.quant)
                 writer.add(batch, labels, row_ids)
             except QuantError as e:
-                raise CloudError(f"--dtype {cfg.dtype}: {e}") from None
+                raise CloudError(f"--dtype {cfg.dtype}: {e}; use --scale mean or --dtype float32") from None
             written += len(row_ids)
         final = writer.close()
     finally:

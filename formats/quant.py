@@ -95,7 +95,7 @@ def token_scales(x: np.ndarray, qmax: int) -> np.ndarray:
         raise QuantError("features hold NaN or inf; they cannot be quantised")
     if wanted.size and float(wanted.max()) > FP16_MAX:
         raise QuantError(f"a token reaches |x| = {float(absmax.max()):.4g}, too large for an fp16 scale "
-                         f"(at most {FP16_MAX * qmax:.4g} in this dtype); use --scale mean or float32")
+                         f"(at most {FP16_MAX * qmax:.4g} with {qmax} levels)")
     scale = wanted.astype(np.float16)
     low = scale.astype(np.float32) < wanted  # fp16 rounded down: step up one ulp so |x / s| <= qmax
     scale[low] = np.nextafter(scale[low], np.float16(np.inf))
