@@ -25,6 +25,7 @@ from .quant import FEATURES, SCALES, bad_scale, decode_features, encode_features
 from .safetensors_check import Header, expect_tensor, read_header, write_safetensors
 
 LABELS, IDS = "labels", "ids"
+_STORAGE = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 
 
 def shard_name(index: int) -> str:
@@ -250,6 +251,8 @@ class FeatureSet:
         self.labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
         self.ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
         self._starts = np.array([s.start for s in self._shards], dtype=np.int64)
+        # The narrowest dtype read() returns without loss: the storage dtype of a float set, fp32 when quantised.
+        self._storage = _STORAGE.get(self.manifest.dtype, np.dtype("<f4"))
         self._stored = {name: storage for name, (storage, _) in
                         stored_shapes(self.manifest.dtype, 0, self.row_shape).items()}
 

@@ -4,15 +4,17 @@ A row is (k, T, d). Every token (row, group, token) gets its own scale ``s``, th
 least ``absmax / qmax`` (qmax = 127 for int8, 7 for int4), and every channel becomes the integer code
 ``q = clamp(rint(x / s), -qmax, qmax)``. The device reads ``x' = q * s`` in fp32, exactly (a 4- or 8-bit
 code times an 11-bit fp16 mantissa fits fp32). Because ``s`` is rounded *up*, ``|x / s| <= qmax`` and the
-clamp never cuts a value, so ``|x - x'| <= s / 2`` holds for every element (formats/SPEC.md §12).
+clamp never cuts a value, so ``|x - x'| <= s * (0.5 + 2**-16)`` holds for every element (the 2**-16 is the
+fp32 division's rounding; formats/SPEC.md §12).
 
 int4 codes are stored offset by 8 (nibble = q + 8, in 1..15), two to a byte: the row's k·T·d codes in C
 order, element 2i in the low nibble of byte i and element 2i+1 in the high nibble. An odd count leaves the
 last high nibble 0. A packed row is therefore ceil(k·T·d / 2) bytes, whatever T and d are.
 
 ``encode_features`` turns an fp32 (B, k, T, d) batch into the tensors a shard stores, for every storage
-dtype; ``decode_features`` is its inverse for one batch of rows. The writer, ``mist-cloud convert`` and the
-server all go through them. NumPy only: the device imports this module.
+dtype; ``decode_features`` is its inverse for one batch of rows. The writer (so ``mist-cloud extract``) and
+``mist-cloud convert`` go through them, and so should anything else that ships features. NumPy only: the
+device imports this module.
 """
 
 from __future__ import annotations
@@ -89,8 +91,8 @@ def token_scales(x: np.ndarray, qmax: int) -> np.ndarray:
 
     An all-zero token gets scale 1 (its codes are all 0): a scale is never 0, so a 0 on disk means damage.
     """
-    absmax = np.max(np.abs(x), axis=-1) if x.shape[-1] else np.zeros(x.shape[:-1], np.float32)
-    wanted = absmax.astype(np.float32) / np.float32(qmax)
+    absmax = np.max(np.abs(x), axis=-1)
+    wanted = absmax / np.float32(qmax)
     if not np.isfinite(absmax).all():
         raise QuantError("features hold NaN or inf; they cannot be quantised")
     if wanted.size and float(wanted.max()) > FP16_MAX:
