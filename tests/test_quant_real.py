@@ -75,5 +75,6 @@ def test_training_on_int8_matches_float16(lite0_sets: dict[str, Path], tmp_path:
         outcome[dtype] = (100 * report["accuracy"], [r.split(",")[2] for r in rows])
     (acc16, pred16), (acc8, pred8) = outcome["float16"], outcome["int8"]
     agreement = float(np.mean(np.array(pred16) == np.array(pred8)))
+    print(f"float16 {acc16:.1f}%, int8 {acc8:.1f}%, predictions agree on {100 * agreement:.1f}%")
     assert acc16 > 40, acc16  # the adaptor learned something: 10 classes, chance is 10%
     assert abs(acc8 - acc16) <= MAX_ACCURACY_GAP and agreement >= MIN_AGREEMENT, (acc16, acc8, agreement)
