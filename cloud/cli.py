@@ -269,6 +269,7 @@ def push(feature_set: str, destination: str, endpoint_url: str | None, part_size
 _SHORT_HELP = {
     "extract": "Extract Gather* summed features of images into a feature set.",
     "info": "List a model's tappable layers and suggest --groups.",
+    "convert": "Re-encode a feature set in another dtype (int8, int4), no backbone.",
 }
 
 _EPILOGS = {
@@ -285,6 +286,13 @@ Examples:
 --data is an ImageFolder (one subfolder per class), a CSV of 'path,label' lines, or fashion-mnist[:DIR].
 Every set made for one adaptor (train, validation, test) needs the same --model, weights, --groups,
 --scale, --pool and data options; the device refuses to mix sets that differ.""",
+    "convert": """\b
+Examples:
+  mist-cloud convert feats/train --dtype int8 --out feats/train-int8     # 50.5% of the float16 bytes (d=192)
+  mist-cloud convert feats/train --dtype int4 --out feats/train-int4     # 25.5%
+  mist-cloud convert feats/train-int8 --dtype float16 --out feats/back --shard-rows 256
+Start from float32 or float16 when you can: int8 -> int4 quantises twice. The formulas are in
+formats/SPEC.md §12.""",
     "info": """\b
 Examples:
   mist-cloud info tf_efficientnet_lite0
