@@ -38,8 +38,9 @@ def _user_error_message(e: Exception) -> str | None:
 
 def _one_line(e: Exception) -> str | None:
     from mist.formats import FormatError
+    from mist.formats.quant import QuantError
 
-    if isinstance(e, (CloudError, FormatError)):
+    if isinstance(e, (CloudError, FormatError, QuantError)):  # QuantError: sums an int8/int4 set cannot hold
         return str(e)
     if isinstance(e, ImportError) and (e.name or "").split(".")[0] in ("torch", "timm", "torchvision"):
         return f"mist-cloud needs the [cloud] extra ({e.name} is not installed): pip install 'mist-tuning[cloud]'"
