@@ -19,7 +19,7 @@ import torch
 
 from mist.formats import FeatureSet, FeatureSetWriter, Manifest
 from mist.formats.atomic import atomic_write_bytes
-from mist.formats.quant import SCHEMES, QuantError
+from mist.formats.quant import SCHEMES, QuantError, bytes_per_row
 from mist.formats.ship import MAX_SHARD_BYTES, capped_shard_rows
 
 from . import distributed, precision
@@ -136,7 +136,7 @@ def extract(cfg: ExtractConfig, log: Log = print) -> ExtractResult:
         log(f"shard rows {cfg.shard_rows} -> {shard_rows}, a multiple of the batch size, so a resumed run "
             "computes the same batches")
     # A shard must fit on a FAT32 stick (files < 4 GiB) and stay cheap to redo: cap its size in bytes too.
-    row_bytes = len(groups) * tokens * dim * torch.tensor([], dtype=DTYPES[cfg.dtype]).element_size()
+    row_bytes = bytes_per_row(cfg.dtype, (len(groups), tokens, dim))  # as stored: int8/int4 include scales
     capped = capped_shard_rows(shard_rows, row_bytes, cfg.batch_size)
     if capped != shard_rows:
         log(f"shard rows {shard_rows} -> {capped}, so a shard stays under {MAX_SHARD_BYTES >> 20} MiB "
