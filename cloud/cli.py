@@ -244,11 +244,81 @@ def push(feature_set: str, destination: str, endpoint_url: str | None, part_size
              part_size_mib=part_size, as_json=as_json, progress=progress)
 
 
+@main.command()
+@click.option("--model", required=True, help="A timm model name, as for extract.")
+@click.option("--pretrained", is_flag=True, help="Pretrained weights, as for extract.")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="A local state dict for --model.")
+@click.option("--random-init", is_flag=True, help="Random weights (seeded by --seed).")
+@click.option("--groups", default="auto", help="Gather* layer groups, exactly as extract takes them.")
+@click.option("--scale", type=click.Choice(["none", "mean"]), default="none", help="As for extract.")
+@click.option("--pool", type=click.Choice(["none", "mean", "cls"]), default="none", help="As for extract.")
+@click.option("--crop-pct", type=float, default=None, help="As for extract.")
+@click.option("--crop-mode", type=click.Choice(["center", "squash", "border"]), default=None, help="As for extract.")
+@click.option("--interpolation", type=click.Choice(["bilinear", "bicubic", "nearest"]), default=None,
+              help="As for extract.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", help="Dtype of the answers.")
+@click.option("--seed", type=int, default=0, help="Seeds --random-init.")
+@click.option("--img-size", type=int, default=None, help="Input size override (default: the model's).")
+@_MODEL_KWARGS
+@click.option("--device", default="cpu", help="cpu, cuda, cuda:N, or auto.")
+@click.option("--autocast", type=click.Choice(["auto", "off", "bf16", "fp16"]), default="auto", help="As for extract.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="torch threads for the forward.")
+@click.option("--host", default="127.0.0.1", help="Address to bind; anything but loopback is reachable by others.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8750, help="TCP port; 0 picks a free one.")
+@click.option("--token-file", type=click.Path(dir_okay=False), default=None,
+              help="File holding the bearer token clients must send. Default: $MIST_SERVE_TOKEN, else no token.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), default=None, help="PEM certificate: serve HTTPS.")
+@click.option("--tls-key", type=click.Path(dir_okay=False), default=None, help="PEM private key of --tls-cert.")
+@click.option("--max-batch", type=click.IntRange(1), default=16, help="Images per backbone forward; 1: one at a time.")
+@click.option("--max-wait-ms", type=click.FloatRange(0), default=5.0,
+              help="How long a forward waits for more requests to batch.")
+@click.option("--max-queue", type=click.IntRange(1), default=64,
+              help="Images queued or in the forward; more requests get 503.")
+@click.option("--max-images", type=click.IntRange(1), default=16, help="Images in one request.")
+@click.option("--max-body-bytes", type=click.IntRange(1), default=16 * 1024 * 1024, help="Largest request body.")
+@click.option("--max-pixels", type=click.IntRange(1), default=25_000_000,
+              help="Largest image (width x height), checked before decoding: the decompression-bomb guard.")
+@click.option("--client-timeout", type=click.FloatRange(0.1), default=10.0,
+              help="Seconds a client has to send its headers, and again its body.")
+@click.option("--max-connections", type=click.IntRange(1), default=64, help="Open connections; more get 503.")
+def serve(model: str, pretrained: bool, weights: str | None, random_init: bool, groups: str, scale: str, pool: str,
+          crop_pct: float | None, crop_mode: str | None, interpolation: str | None, dtype: str, seed: int,
+          img_size: int | None, model_kwargs: dict | None, device: str, autocast: str, threads: int | None, host: str,
+          port: int, token_file: str | None, tls_cert: str | None, tls_key: str | None, max_batch: int,
+          max_wait_ms: float, max_queue: int, max_images: int, max_body_bytes: int, max_pixels: int,
+          client_timeout: float, max_connections: int) -> None:
+    """Serve --model's Gather* sums over HTTP for `mist-device predict --server`. See docs/serve.md.
+
+    POST /v1/features (one image as the body, or several as multipart/form-data) answers a safetensors
+    feature shard; GET /v1/layout the layout; GET /healthz liveness.
+    """
+    from .serve import ServeConfig, check_safety, read_token
+    from .serve import serve as run
+
+    cfg = ServeConfig(host=host, port=port, token=read_token(token_file), tls_cert=tls_cert, tls_key=tls_key,
+                      scale=scale, dtype=dtype, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                      max_queue=max(max_queue, max_images), max_images=max_images, max_body_bytes=max_body_bytes,
+                      max_pixels=max_pixels, client_timeout=client_timeout, max_connections=max_connections)
+    check_safety(cfg, _log)  # before torch and the backbone load: a bad token or certificate fails at once
+    import torch
+
+    from .extract import load_frozen
+
+    if threads:
+        torch.set_num_threads(threads)
+    overrides = {"crop_pct": crop_pct, "crop_mode": crop_mode, "interpolation": interpolation}
+    frozen = load_frozen(model, _weights_choice(pretrained, weights, random_init), weights, img_size, seed, groups,
+                         pool, {k: v for k, v in overrides.items() if v is not None}, device, autocast, _log,
+                         model_kwargs=model_kwargs)
+    run(frozen, cfg, log=_log)
+
+
 # ---- help that teaches: summaries, examples, environment variables, metavars, option groups -----------------
 
 _SHORT_HELP = {
     "extract": "Extract Gather* summed features of images into a feature set.",
     "info": "List a model's tappable layers and suggest --groups.",
+    "serve": "Serve Gather* sums of new images over HTTP (predict --server).",
 }
 
 _EPILOGS = {
@@ -265,6 +335,12 @@ Examples:
 --data is an ImageFolder (one subfolder per class), a CSV of 'path,label' lines, or fashion-mnist[:DIR].
 Every set made for one adaptor (train, validation, test) needs the same --model, weights, --groups,
 --scale, --pool and data options; the device refuses to mix sets that differ.""",
+    "serve": """\b
+Examples:
+  mist-cloud serve --model tf_efficientnet_lite0 --pretrained --groups 12-15 --token-file token
+  mist-cloud serve --model tf_efficientnet_lite0 --pretrained --groups 12-15 --host 0.0.0.0 \\
+      --token-file token --tls-cert cert.pem --tls-key key.pem
+Take the backbone options the training set was extracted with; the device refuses a server that differs.""",
     "info": """\b
 Examples:
   mist-cloud info tf_efficientnet_lite0

@@ -313,22 +313,49 @@ def evaluate(adaptor: str, test_set: str, as_json: bool, batch_size: int, no_ver
 
 @main.command()
 @click.argument("adaptor", type=click.Path(exists=True))
-@click.argument("feature_set", type=click.Path(exists=True, file_okay=False))
+@click.argument("feature_set", nargs=-1, required=True, metavar="FEATURE_SET | --server URL IMAGE...")
 @click.option("--top-k", type=click.IntRange(1), default=1, help="How many classes to list per row.")
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv")
+@click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="Write here instead of stdout.")
 @click.option("--batch-size", type=click.IntRange(1), default=128)
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the shards.")
+@click.option("--server", default=None,
+              help="A `mist-cloud serve` URL: classify the IMAGE files, the backbone running there (docs/serve.md).")
+@click.option("--token-file", type=click.Path(dir_okay=False), default=None,
+              help="With --server: file holding its bearer token. Default: $MIST_SERVE_TOKEN.")
+@click.option("--ca-cert", type=click.Path(dir_okay=False), default=None,
+              help="With an https --server: a PEM certificate to trust (e.g. a self-signed one).")
 @_progress_option
 @_threads_option
-def predict(adaptor: str, feature_set: str, top_k: int, fmt: str, output: str | None, batch_size: int,
-            no_verify: bool, progress: str) -> None:
-    """Predict a class for every row of FEATURE_SET (labelled or not) with ADAPTOR."""
+def predict(adaptor: str, feature_set: tuple[str, ...], top_k: int, fmt: str, as_json: bool, output: str | None,
+            batch_size: int, no_verify: bool, server: str | None, token_file: str | None,
+            ca_cert: str | None, progress: str) -> None:
+    """Predict a class for every row of FEATURE_SET (labelled or not) with ADAPTOR.
+
+    With --server URL, the arguments are image files instead: each is sent to the server, only its Gather*
+    sums come back, and ADAPTOR classifies them here.
+    """
     import numpy as np
 
     from .train import evaluate_rows
 
+    fmt = "json" if as_json else fmt
     ckpt, model, path = _load_adaptor(adaptor)
+    if server is not None:
+        from . import remote
+
+        text, count = remote.run(ckpt, model, path, server, list(feature_set), remote.read_token(token_file),
+                                 ca_cert, min(top_k, len(ckpt.classes)), fmt)
+        _write_text(text, count, output)
+        return
+    if len(feature_set) != 1:
+        raise click.UsageError(f"expected one FEATURE_SET, got {len(feature_set)} arguments "
+                               "(image files go with --server URL)")
+    if not Path(feature_set[0]).is_dir():
+        raise click.UsageError(f"FEATURE_SET {feature_set[0]}: not a feature-set directory "
+                               "(image files go with --server URL)")
+    feature_set = feature_set[0]
     fs = _open_set(feature_set, verify=not no_verify)
     _check_set_against(ckpt, path, fs, classes=False)
     top_k = min(top_k, len(ckpt.classes))
@@ -356,11 +383,15 @@ def predict(adaptor: str, feature_set: str, top_k: int, fmt: str, output: str | 
                 cells += [_csv(t["class"]), f"{t['p']:.6f}"]
             lines.append(",".join(cells))
         text = "\n".join(lines) + "\n"
+    _write_text(text, len(records), output)
+
+
+def _write_text(text: str, count: int, output: str | None) -> None:
     if output:
         from mist.formats.atomic import atomic_write_bytes
 
         atomic_write_bytes(output, text.encode())
-        click.echo(f"wrote {len(records)} predictions to {output}", err=True)
+        click.echo(f"wrote {count} predictions to {output}", err=True)
     else:
         click.echo(text, nl=False)
 
@@ -464,7 +495,7 @@ _SHORT_HELP = {
     "verify": "Check a feature set's manifest, headers and checksums.",
     "train": "Train the LAE adaptor on a feature set.",
     "evaluate": "Accuracy and confusion matrix of an adaptor on a test set.",
-    "predict": "Predict a class for every row of a feature set.",
+    "predict": "Predict classes for a feature set, or for images via --server.",
     "export": "Write an adaptor's weights only, for inference.",
 }
 
@@ -492,7 +523,8 @@ Examples:
     "predict": """\b
 Examples:
   mist-device predict run feats/new --top-k 3
-  mist-device predict adaptor.safetensors feats/new --format json --output predictions.json""",
+  mist-device predict adaptor.safetensors feats/new --format json --output predictions.json
+  mist-device predict run --server http://127.0.0.1:8750 --token-file token photo.jpg --top-k 3""",
     "export": """\b
 Examples:
   mist-device export run adaptor.safetensors""",
