@@ -61,8 +61,13 @@ class FrozenMaps:
         return np.nonzero(~ok.all(axis=(0, 2)))[0]
 
 
-def build_model(cfg: LAEConfig, params: dict[str, np.ndarray]) -> FastLAE:
-    """The model training, evaluation and prediction use: the fast path, checked against lae.LAE in tests."""
+def build_model(cfg: LAEConfig, params: dict[str, np.ndarray]) -> LAE:
+    """The model training, evaluation and prediction use: the fast path, checked against lae.LAE in tests.
+
+    A learned position table (pos_embed) is a full-rank (T, d) addition with a gradient, which the low-rank
+    rewrite does not cover: such configs get the readable LAE."""
+    if getattr(cfg, "pos_embed", False):
+        return LAE(cfg, params)
     return FastLAE(cfg, params)
 
 
@@ -84,6 +89,8 @@ class FastLAE(LAE):
     """
 
     def __init__(self, cfg: LAEConfig, params: dict[str, np.ndarray]):
+        if getattr(cfg, "pos_embed", False):
+            raise ValueError("FastLAE does not cover pos_embed (a full-rank table); use build_model or LAE")
         super().__init__(cfg, params)  # validates the config and every parameter's shape and dtype
         self._buffers: dict[str, np.ndarray] = {}
 
@@ -127,6 +134,10 @@ class FastLAE(LAE):
 
         def work(rows: slice) -> None:
             x = read(rows)
+            with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows: see nonfinite_rows
+                fill_rows(x, rows)
+
+        def fill_rows(x: np.ndarray, rows: slice) -> None:
             for i in range(rows.stop - rows.start):
                 b = rows.start + i
                 for j in range(k):
@@ -169,9 +180,9 @@ class FastLAE(LAE):
         reuses one set of buffers for every block and batch."""
         self._cache = None  # the previous step's activations go now, not after this forward
         fm = x if isinstance(x, FrozenMaps) else self.prepare(x, self._reused_maps(x, keep_cache))
-        cfg, p, dt = self.cfg, self.params, self.dtype
+        cfg, p = self.cfg, self.params
         k, B, T, d = fm.maps.shape
-        r, bpg, nb = cfg.rank, cfg.blocks_per_group, cfg.num_blocks
+        r, bpg = cfg.rank, cfg.blocks_per_group
         ra, NR = r + 1, cfg.num_blocks * (r + 1)
         W = self._stacked_out()
         Wc = W - W.mean(axis=1, keepdims=True)

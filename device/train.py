@@ -21,8 +21,10 @@ import numpy as np
 from mist.formats import Checkpoint, FeatureSet, FormatError, Manifest, load_checkpoint, save_checkpoint
 from mist.formats.atomic import atomic_write_bytes
 
+from .fast_lae import FastLAE, build_model
 from .lae import LAE, LAEConfig, flops_per_image, init_params, loss_and_grads
 from .optim import AdamW, clip_grad_norm, lr_schedule
+from .readahead import read_batches
 from .schedule import warmup_steps
 
 LAST, BEST, METRICS = "last.safetensors", "best.safetensors", "metrics.jsonl"
@@ -73,18 +75,41 @@ def read_finite(fs: FeatureSet, rows: np.ndarray, dtype: np.dtype) -> np.ndarray
     return x
 
 
+def _raise_nonfinite(fs: FeatureSet) -> Callable[[np.ndarray], None]:
+    def fail(rows: np.ndarray) -> None:
+        raise TrainingError(f"{fs.directory}: non-finite values in the features of rows {rows[:5].tolist()}")
+
+    return fail
+
+
+# Evaluation reads at most this many bytes of float32 features per forward, whatever --batch-size says:
+# its memory is then bounded by the set's row shape alone (see eval_chunk_rows).
+EVAL_CHUNK_BYTES = 16 << 20
+
+
+def eval_chunk_rows(cfg: LAEConfig, batch_size: int) -> int:
+    """Rows per evaluation forward: batch_size, capped so the float32 maps stay under EVAL_CHUNK_BYTES."""
+    return max(1, min(batch_size, EVAL_CHUNK_BYTES // (4 * cfg.groups * cfg.tokens * cfg.dim)))
+
+
 def evaluate_rows(model: LAE, fs: FeatureSet, rows: np.ndarray, batch_size: int = 128,
                   label_smoothing: float = 0.0, progress: Callable | None = None) -> dict[str, Any]:
     """Forward over ``rows`` in batches; return loss, accuracy, predictions and logits.
 
-    ``progress(starts, batch_size)`` wraps the batch start offsets (a bar, see ``progress.py``)."""
+    ``progress(starts, batch_size)`` wraps the batch start offsets (a bar, see ``progress.py``). A FastLAE
+    reads ahead and reuses its buffers, in chunks of at most eval_chunk_rows rows (the bar counts chunks
+    as they are read, one ahead of the forward)."""
     from .layers import softmax_cross_entropy
 
     logits_all, loss_sum = [], 0.0
-    starts = range(0, len(rows), batch_size)
-    for begin in progress(starts, batch_size) if progress else starts:
-        pick = rows[begin:begin + batch_size]
-        x = read_finite(fs, pick, model.dtype)
+    step = eval_chunk_rows(model.cfg, batch_size) if isinstance(model, FastLAE) else batch_size
+    starts = range(0, len(rows), step)
+    starts = progress(starts, step) if progress else starts
+    if isinstance(model, FastLAE):
+        batches = read_batches(model, fs, (rows[b:b + step] for b in starts), _raise_nonfinite(fs))
+    else:
+        batches = ((rows[b:b + step], read_finite(fs, rows[b:b + step], model.dtype)) for b in starts)
+    for pick, x in batches:
         logits = model.forward(x, keep_cache=False)
         labels = fs.labels[pick]
         if np.all(labels >= 0):
@@ -142,7 +167,7 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * opts.epochs
         self.warmup_steps, self.warmup_warning = warmup_steps(opts.warmup_epochs, opts.warmup_fraction,
                                                               self.steps_per_epoch, self.total_steps)
-        self.model = LAE(cfg, init_params(cfg, opts.seed))
+        self.model = build_model(cfg, init_params(cfg, opts.seed))
         self.optimizer = AdamW(self.model.params, lr=opts.lr, weight_decay=opts.weight_decay)
         self._truncate_metrics = False
         self.state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "best_val": None,
@@ -209,16 +234,19 @@ class Trainer:
             # Old checkpoints stay until this run's first epoch replaces them; old metrics likewise.
             self._truncate_metrics = True
         opts, flops = self.opts, flops_per_image(self.cfg)
-        dtype = self.model.dtype
         while self.state["epoch"] < opts.epochs:
             epoch, start_batch = self.state["epoch"], self.state["batch"]
             order = self.train_rows[np.random.default_rng([opts.seed, epoch]).permutation(len(self.train_rows))]
             batches = range(start_batch, self.steps_per_epoch)
             t0 = time.perf_counter()
             images = 0
+            # The next batch is read and cast in a background thread while this one trains.
+            ahead = read_batches(self.model, self.train_set,
+                                 (order[b * opts.batch_size:(b + 1) * opts.batch_size] for b in batches),
+                                 _raise_nonfinite(self.train_set))
             for b in progress(batches, epoch) if progress else batches:
-                rows = order[b * opts.batch_size:(b + 1) * opts.batch_size]
-                x, y = read_finite(self.train_set, rows, dtype), self.train_set.labels[rows]
+                rows, x = next(ahead)
+                y = self.train_set.labels[rows]
                 with np.errstate(over="ignore", invalid="ignore"):  # non-finite results are caught just below
                     loss, grads, logits = loss_and_grads(self.model, x, y, opts.label_smoothing)
                 if not math.isfinite(loss):
@@ -237,6 +265,7 @@ class Trainer:
                     self.state["elapsed"] += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     save_checkpoint(last, self.checkpoint())
+            ahead.close()
             seconds = time.perf_counter() - t0
             self.state["elapsed"] += seconds
             record = self._end_epoch(epoch, lr, images / max(seconds, 1e-9), flops)
