@@ -36,7 +36,7 @@ from .lae import LAE, LAEConfig
 from .parallel import run_chunks, scratch
 
 EPS = 1e-5  # as layers.layernorm_forward and torch.nn.LayerNorm
-_CHUNK_BYTES = 4 << 20  # attention maps per thread chunk: small enough for cache, big enough to amortise calls
+_CHUNK_BYTES = 2 << 20  # attention maps per thread chunk: small enough for cache, big enough to amortise calls
 
 
 @dataclass
