@@ -7,6 +7,7 @@ threads (the user's ``--threads``), so the two never ask for more cores than the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable
@@ -19,6 +20,7 @@ _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _workers: int | None = None
 _scratch = threading.local()
+_controller: object | None = None  # threadpoolctl's, when installed: False once known to be missing
 
 
 def worker_count() -> int:
@@ -85,8 +87,27 @@ def run_chunks(work: Callable[[slice], None], n: int, size: int) -> None:
         with np.errstate(**err):
             work(rows)
 
-    for future in [_get_pool().submit(run, rows) for rows in parts]:
-        future.result()  # re-raises a worker's exception here
+    with _blas_single_threaded():
+        for future in [_get_pool().submit(run, rows) for rows in parts]:
+            future.result()  # re-raises a worker's exception here
+
+
+def _blas_single_threaded():
+    """While the pool's chunks run, each BLAS call inside them (the attention's small matmuls) must use one
+    thread: OpenBLAS would otherwise split each small GEMM over all cores again, and the chunks and its own
+    threads would fight for the same cores (a step with 2 threads was no faster than with 1). The limit is
+    process-wide and cheap (a few microseconds) with threadpoolctl; without it the chunks run as they are."""
+    global _controller
+    if _controller is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _controller = ThreadpoolController()
+        except Exception:  # optional dependency
+            _controller = False
+    if _controller is False:
+        return contextlib.nullcontext()
+    return _controller.limit(limits=1, user_api="blas")
 
 
 def scratch(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
