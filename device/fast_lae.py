@@ -71,16 +71,6 @@ def build_model(cfg: LAEConfig, params: dict[str, np.ndarray]) -> LAE:
     return FastLAE(cfg, params)
 
 
-def batch_bytes(cfg: LAEConfig, batch: int, train: bool = True, itemsize: int = 4) -> int:
-    """Bytes a batch of ``batch`` images costs in the fast path (float32): the frozen maps, plus for training
-    the kept attention maps and (B, T, r)-sized activations of every block. Used by the CLI's --help."""
-    k, T, d, r, h, nb = cfg.groups, cfg.tokens, cfg.dim, cfg.rank, cfg.heads, cfg.num_blocks
-    maps = k * T * d
-    if not train:
-        return batch * itemsize * (maps + h * T * T + 6 * r * T)
-    return batch * itemsize * (maps + nb * (h * T * T + 8 * r * T + nb * (r + 1) * T))
-
-
 class FastLAE(LAE):
     """Drop-in for LAE (same constructor, forward, backward, params, cfg, dtype), the low-rank way.
 
@@ -97,10 +87,14 @@ class FastLAE(LAE):
     # ---- buffers reused between batches: fresh large arrays cost page faults every time ----
 
     def _buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A reused buffer of ``shape``; a smaller request (an epoch's last batch) is a view of the larger one,
+        so it costs no second allocation next to the first."""
         buf = self._buffers.get(name)
-        if buf is None or buf.shape != shape:
-            buf = self._buffers[name] = np.empty(shape, self.dtype)
-        return buf
+        size = math.prod(shape)
+        if buf is None or buf.size < size:
+            self._buffers.pop(name, None)  # free the old one before its replacement is allocated
+            buf = self._buffers[name] = np.empty(size, self.dtype)
+        return buf[:size].reshape(shape)
 
     def release_buffers(self) -> None:
         """Drop the reused buffers (and the last forward's cache), e.g. before a long pause."""
