@@ -200,14 +200,17 @@ class FastLAE(LAE):
                 Ob = O[..., :R]
                 var_z = var + (2.0 / d) * _rowdot(Ob, G[..., :R]) + (1.0 / d) * _rowdot(Ob @ WcWcT[:R, :R], Ob)
                 sigma = np.sqrt(var_z + EPS)
-                qhat = Y[..., i * 3 * r:(i + 1) * 3 * r] - mu[..., None] * A[i].sum(axis=0)
+                # qkv = LN(z) W_qkv + b_qkv, built in place in the GEMM's output (no new (B, T, 3r) arrays)
+                qkv = Y[..., i * 3 * r:(i + 1) * 3 * r]
+                qkv -= mu[..., None] * A[i].sum(axis=0)
                 if R:
-                    qhat += Ob @ (Wc[:R] @ A[i])
-                qhat /= sigma[..., None]  # = LN(z) without its bias, times W~
-                qkv = qhat + (p[pre + "norm.bias"] @ p[pre + "qkv.weight"] + p[pre + "qkv.bias"])
+                    qkv += Ob @ (Wc[:R] @ A[i])
+                qkv /= sigma[..., None]  # = LN(z) without its bias, times W~ (q-hat in the module docstring)
+                qkv_bias = p[pre + "norm.bias"] @ p[pre + "qkv.weight"] + p[pre + "qkv.bias"]
+                qkv += qkv_bias
                 maps = self._buffer(f"{tag}.attn.{b if keep_cache else 0}", (B, cfg.heads, T, T))
                 _attention_forward(qkv, maps, O[..., R:R + r], cfg.heads)
-                blocks.append((sigma, qhat, qkv, maps, A[i]))
+                blocks.append((sigma, qkv, qkv_bias, maps, A[i]))
         # final LayerNorm, pooled: only the tokens the pool reads (all for mean, token 0 for cls)
         sel = slice(0, 1) if cfg.pool == "cls" else slice(None)
         F, mu, var = fm.maps[k - 1][:, sel], fm.mean[k - 1][:, sel], fm.var[k - 1][:, sel]
@@ -279,18 +282,20 @@ class FastLAE(LAE):
             coef, Q_of, OQ_of = {}, {}, {}
             for b in reversed(range(first, first + bpg)):
                 pre, R = f"blocks.{b}.", b * ra
-                sigma, qhat, qkv, maps, A = blocks[b]
+                sigma, qkv, qkv_bias, maps, A = blocks[b]
                 coef[b] = rho_run.copy()  # block b's output is read by this group's LayerNorms after it
                 dqkv = _attention_backward(dO[..., R:R + r], qkv, maps, O[..., R:R + r], cfg.heads)
                 blocks[b] = None  # its attention map is no longer needed (the buffer is reused next step)
                 g[pre + "qkv.bias"] = dqkv.sum(axis=(0, 1))
-                Q = dqkv / sigma[..., None]
+                if b:  # q-hat = qkv - qkv_bias
+                    rho_b = (_rowdot(dqkv, qkv) - dqkv @ qkv_bias) / (d * sigma * sigma)
+                Q = dqkv
+                Q /= sigma[..., None]  # in place: dqkv itself is not needed again
                 Q_of[b] = Q
                 Ob = O[..., :R]
                 OQ_of[b] = Ob.reshape(-1, R).T @ Q.reshape(-1, 3 * r) if R else None
                 if b == 0:
                     continue  # block 0 reads the frozen features only: its input gradient goes nowhere
-                rho_b = _rowdot(dqkv, qhat) / (d * sigma * sigma)
                 Abar = A - A.mean(axis=0)
                 dO[..., :R] += Q @ (Abar.T @ W[:R].T) - rho_b[..., None] * (G[..., :R] + Ob @ (Wc[:R] @ W[:R].T))
                 rhoO = (rho_b[..., None] * Ob).reshape(-1, R)
