@@ -113,23 +113,34 @@ def _groups_text(groups: list[list[int]]) -> str:
 @ship_commands.endpoint_option("verify")
 @ship_commands.PROGRESS
 @ship_commands.JSON
-def verify(feature_set: str, endpoint_url: str | None, progress: str, as_json: bool) -> None:
+@click.option("--deep", is_flag=True, help="Also read every feature: refuse NaN or inf, count labelled rows.")
+def verify(feature_set: str, endpoint_url: str | None, progress: str, as_json: bool, deep: bool) -> None:
     """Check a feature set's manifest, every shard header and every shard checksum.
 
     FEATURE_SET is a folder or s3://bucket/prefix (there the shards stream and are hashed, nothing is stored).
     """
+    from mist.formats import FormatError
+
     if "://" in feature_set:
         ship_commands.verify_url(feature_set, endpoint_url, as_json, progress)
         return
     if not Path(feature_set).is_dir():
         raise click.BadParameter(f"{feature_set}: not a folder", param_hint="'FEATURE_SET'")
     fs = _open_set(feature_set, verify=True)
+    if len(fs) == 0:
+        raise FormatError(f"{fs.directory}: empty feature set (0 rows in {len(fs.manifest.shards)} shards); "
+                          "there is nothing to train on or evaluate")
+    counts = fs.check_values() if deep else None
     if as_json:
-        click.echo(json.dumps({"source": str(fs.directory), "rows": len(fs), "shards": len(fs.manifest.shards),
-                               "verified": True}))
+        click.echo(json_text({"source": str(fs.directory), "rows": len(fs), "shards": len(fs.manifest.shards),
+                              "verified": True, **({"values": counts} if counts else {})}, indent=None))
         return
+    detail = ""
+    if counts:
+        detail = (f", all features finite, {counts['labelled']:,} labelled rows in {counts['classes_present']} of "
+                  f"{fs.num_classes} classes, {counts['unlabelled']:,} unlabelled")
     click.echo(terminal_text(f"ok: {fs.directory} ({len(fs):,} rows, {len(fs.manifest.shards)} shards, "
-                             "checksums match)"))
+                             f"checksums match{detail})"))
 
 
 # ---- train ------------------------------------------------------------------------------------------------
