@@ -112,16 +112,31 @@ memory_option = click.option(
          "Default: the memory this machine has available now.")
 
 
+def memory_limit(max_memory: int | None = None) -> tuple[int | None, str]:
+    """(bytes, where that figure comes from): ``max_memory``, else --max-memory of the running command,
+    else what the machine has available now (None when even that is unknown)."""
+    if max_memory is None:
+        ctx = click.get_current_context(silent=True)
+        max_memory = ctx.meta.get(_MEMORY_KEY) if ctx is not None else None
+    if max_memory is not None:
+        return max_memory, "--max-memory"
+    return available_memory(), "the memory available on this machine"
+
+
+def memory_problem(estimate: int, what: str, max_memory: int | None = None) -> str | None:
+    """The one-line refusal when ``estimate`` bytes exceed the limit of ``memory_limit``, else None."""
+    limit, source = memory_limit(max_memory)
+    if limit is not None and estimate > limit:
+        return (f"{what} needs about {format_bytes(estimate)}, more than {source} ({format_bytes(limit)}); "
+                "lower the sizes or raise --max-memory")
+    return None
+
+
 def require_memory(estimate: int, what: str) -> None:
-    """Refuse ``what`` with one line when ``estimate`` bytes exceed --max-memory (or the available memory).
+    """Refuse ``what`` with a usage error when ``estimate`` bytes exceed --max-memory (or the available memory).
 
     Call it inside a command that carries ``@memory_option``, before the big allocation.
     """
-    ctx = click.get_current_context(silent=True)
-    limit = ctx.meta.get(_MEMORY_KEY) if ctx is not None else None
-    source = "--max-memory"
-    if limit is None:
-        limit, source = available_memory(), "the memory available on this machine"
-    if limit is not None and estimate > limit:
-        raise click.UsageError(f"{what} needs about {format_bytes(estimate)}, more than {source} "
-                               f"({format_bytes(limit)}); lower the sizes or raise --max-memory")
+    problem = memory_problem(estimate, what)
+    if problem:
+        raise click.UsageError(problem)
