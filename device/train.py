@@ -278,8 +278,11 @@ class Trainer:
             atomic_write_bytes(self.run_dir / METRICS, line.encode())
             self._truncate_metrics = False
             return record
-        with open(self.run_dir / METRICS, "a") as f:
-            f.write(line)
+        try:
+            with open(self.run_dir / METRICS, "a") as f:
+                f.write(line)
+        except OSError as e:  # a full disk fails in write() or close(), with no file name of its own
+            raise OSError(e.errno, e.strerror or str(e), str(self.run_dir / METRICS)) from None
         # best before last: a kill between the two leaves `last` at the previous epoch, so the resumed run
         # replays this epoch and writes `best` again; the other order would lose this epoch's best for good.
         if improved:
