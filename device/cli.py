@@ -431,7 +431,7 @@ def _write_text(text: str, count: int, output: str | None) -> None:
     else:
         if sys.stdout.isatty():  # quoted CSV may hold control characters; a terminal must not run them
             text = "\n".join(terminal_text(line) for line in text.split("\n"))
-        click.echo(text, nl=False)
+        click.echo(text, nl=False, color=True)  # color=True: click would strip ESC sequences out of the data
 
 
 def _csv(value: str) -> str:
