@@ -291,3 +291,14 @@ def test_cloud_refuses_in_one_line_and_alters_nothing(cloud_fx, tmp_path, name):
     result = run_cli("cloud", *make(cloud_fx, tmp_path))
     assert_one_line_error(result, code, contains)
     assert snapshot(cloud_fx["root"]) == before
+
+
+@pytest.mark.slow
+def test_export_carries_no_local_path_and_still_predicts(fx, tmp_path):
+    out = tmp_path / "adaptor.safetensors"
+    assert run_cli("device", "export", fx["run"], out).code == 0
+    blob = out.read_bytes()
+    assert str(fx["root"]).encode() not in blob and b'"directory"' not in blob
+    direct = run_cli("device", "predict", fx["run"], fx["test"])
+    exported = run_cli("device", "predict", out, fx["test"])
+    assert exported.code == 0 and exported.stdout == direct.stdout
