@@ -147,6 +147,7 @@ class Trainer:
         self.model = LAE(cfg, init_params(cfg, opts.seed))
         self.optimizer = AdamW(self.model.params, lr=opts.lr, weight_decay=opts.weight_decay)
         self._truncate_metrics = False
+        self._pending_metrics: list[str] = []  # step records of an --overwrite run's first epoch (progress.py)
         self.state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "best_val": None,
                                       "loss_sum": 0.0, "correct": 0, "seen": 0, "elapsed": 0.0,
                                       # Tags this run's metrics lines, so a resume never keeps another run's.
@@ -275,7 +276,8 @@ class Trainer:
             if improved:
                 save_checkpoint(self.run_dir / BEST, ckpt)
             save_checkpoint(self.run_dir / LAST, ckpt)
-            atomic_write_bytes(self.run_dir / METRICS, line.encode())
+            atomic_write_bytes(self.run_dir / METRICS, ("".join(self._pending_metrics) + line).encode())
+            self._pending_metrics = []
             self._truncate_metrics = False
             return record
         try:
