@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,7 +147,7 @@ class FeatureSetWriter:
         self._buffered = len(rest[0])
 
         shard = write_shard(self.directory, len(self.manifest.shards), self.manifest, feats[:n], labels[:n],
-                            ids[:n], row_start=self.manifest.rows)
+                            ids[:n])
         self.manifest = self.manifest.with_shards([*self.manifest.shards, shard], complete=complete)
         atomic_write_json(self.directory / MANIFEST_NAME, self.manifest.to_json())
 
@@ -227,16 +228,18 @@ def _check_shard_metadata(header: Header, manifest: Manifest, index: int | None,
     Shards written before these fields existed lack some of them; what is absent is not checked.
     """
     meta = header.metadata
-    # Position checks only for shards that carry row_start: those are written where the file index is the
-    # manifest position. Shards of a distributed extraction (an empty chunk leaves a gap in the file indices)
-    # and of earlier mist versions lack it.
-    expected = {"shard_index": index, "row_start": start} if "row_start" in meta else {}
+    # shard_index is checked against the index in the shard's own file name, not its manifest position: a
+    # distributed extraction leaves a gap in the file indices where a chunk came out empty. row_start is
+    # checked when a writer recorded it (the shard bytes of one process and of torchrun must match, and
+    # torchrun cannot know it, so today's writers do not).
+    named = re.fullmatch(r"shard-(\d+)\.safetensors", header.path.name)
+    expected = {"shard_index": int(named.group(1)) if named else None, "row_start": start}
     for key, want in expected.items():
         if want is None or key not in meta:
             continue
         if meta[key] != str(want):
-            raise FormatError(f"{header.path}: shard metadata says {key} {meta[key]!r}, the manifest places it "
-                              f"at {want} (shards renamed, reordered or copied from another set?)")
+            raise FormatError(f"{header.path}: shard metadata says {key} {meta[key]!r}, where the set expects "
+                              f"{want} (shards renamed, reordered or copied from another set?)")
     if "set_identity" in meta and meta["set_identity"] != set_identity(manifest):
         raise FormatError(f"{header.path}: shard belongs to another feature set than {MANIFEST_NAME} describes")
 
