@@ -42,6 +42,8 @@ def adaptor_config(ckpt: Checkpoint, path: str | Path) -> LAEConfig:
         if name in config and (isinstance(value, bool) or not isinstance(value, (int, float))
                                or not math.isfinite(value)):
             raise fail(f"checkpoint config '{name}' must be a finite number, got {value!r}")
+    if "pos_embed" in config and not isinstance(config["pos_embed"], bool):
+        raise fail(f"checkpoint config 'pos_embed' must be true or false, got {config['pos_embed']!r}")
     if "pool" in config and not isinstance(config["pool"], str):
         raise fail(f"checkpoint config 'pool' must be a string, got {config['pool']!r}")
     try:
@@ -50,7 +52,8 @@ def adaptor_config(ckpt: Checkpoint, path: str | Path) -> LAEConfig:
         raise fail(f"checkpoint config does not form an LAE ({e})") from None
 
     # Count before building the expected shapes: a config claiming 10**9 blocks must not make us try.
-    expected = cfg.num_blocks * _ARRAYS_PER_BLOCK + _ARRAYS_OUTSIDE_BLOCKS
+    expected = (cfg.num_blocks * _ARRAYS_PER_BLOCK + _ARRAYS_OUTSIDE_BLOCKS
+                + int(bool(getattr(cfg, "pos_embed", False))))
     if len(ckpt.params) != expected:
         raise fail(f"checkpoint config implies {expected} weight arrays ({cfg.num_blocks} blocks), "
                    f"the file holds {len(ckpt.params)}")
