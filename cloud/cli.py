@@ -18,6 +18,7 @@ from mist.device.cli_common import (
     package_version,
     teach,
 )
+from mist.device.validate import SEED, finite_float, memory_limit, memory_option
 
 from .errors import CloudError
 
@@ -108,17 +109,18 @@ def _weights_choice(pretrained: bool, weights: str | None, random_init: bool) ->
 @click.option("--scale", type=click.Choice(["none", "mean"]), default="none",
               help="Divide each group's sum by its size (mean) or not.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", help="Storage dtype.")
-@click.option("--batch-size", type=int, default=16)
-@click.option("--workers", type=int, default=1, help="DataLoader processes that decode images.")
-@click.option("--threads", type=click.IntRange(1), default=None,
+@click.option("--batch-size", type=click.IntRange(1), default=16)
+@click.option("--workers", type=click.IntRange(0, 256), default=1, help="DataLoader processes that decode images.")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None,
               help="torch threads for the forward. Default: torch's.")
-@click.option("--shard-rows", type=int, default=512,
+@click.option("--shard-rows", type=click.IntRange(1), default=512,
               help="Rows per shard, rounded up to a multiple of --batch-size.")
-@click.option("--limit", type=int, default=None, help="Extract a random subset of this many images.")
-@click.option("--per-class", type=int, default=None, help="Extract this many random images of each class.")
-@click.option("--seed", type=int, default=0, help="Seeds the subsets and --random-init.")
-@click.option("--img-size", type=int, default=None, help="Input size override (default: the model's).")
-@click.option("--crop-pct", type=float, default=None,
+@click.option("--limit", type=click.IntRange(1), default=None, help="Extract a random subset of this many images.")
+@click.option("--per-class", type=click.IntRange(1), default=None,
+              help="Extract this many random images of each class.")
+@click.option("--seed", type=SEED, default=0, help="Seeds the subsets and --random-init.")
+@click.option("--img-size", type=click.IntRange(1), default=None, help="Input size override (default: the model's).")
+@click.option("--crop-pct", type=finite_float(0, min_open=True), default=None,
               help="Fraction of the resized image the centre crop keeps; 1.0 keeps it all (default: the model's, "
                    "e.g. 0.875 for Lite0). Recorded in the manifest.")
 @click.option("--crop-mode", type=click.Choice(["center", "squash", "border"]), default=None,
@@ -138,6 +140,7 @@ def _weights_choice(pretrained: bool, weights: str | None, random_init: bool) ->
 @click.option("--autocast", type=click.Choice(["auto", "off", "bf16", "fp16"]), default="auto",
               help="Forward in bf16/fp16 autocast (sums stay fp32). auto: bf16 for ViTs on CUDA, else off; "
                    "recorded in the manifest when on.")
+@memory_option
 def extract(model: str, pretrained: bool, weights: str | None, random_init: bool, data: str, split: str,
             out: str, groups: str, scale: str, dtype: str, batch_size: int, workers: int, threads: int | None,
             shard_rows: int, limit: int | None, per_class: int | None, seed: int, img_size: int | None,
@@ -159,24 +162,31 @@ def extract(model: str, pretrained: bool, weights: str | None, random_init: bool
         overwrite=overwrite, img_size=img_size, model_kwargs=model_kwargs, device=device, progress=progress,
         crop_pct=crop_pct, crop_mode=crop_mode, interpolation=interpolation, pool=pool,
         autocast=autocast,
+        max_memory=memory_limit()[0],
     )
     run(cfg, log=_log)
 
 
 @main.command()
 @click.argument("model")
-@click.option("--img-size", type=int, default=None, help="Input size override (default: the model's).")
+@click.option("--img-size", type=click.IntRange(1), default=None, help="Input size override (default: the model's).")
 @_MODEL_KWARGS
+@memory_option
 def info(model: str, img_size: int | None, model_kwargs: dict | None) -> None:
     """List MODEL's tappable layers with their (T, d), and suggest --groups. Needs no weights."""
     from .backbones import create_backbone
     from .gather import format_groups
+    from .resources import address_space_limit
     from .taps import find_layers, probe, recipe_for
 
-    backbone = create_backbone(model, "random-init", img_size=img_size, log=lambda _m: None,
-                               model_kwargs=model_kwargs)
-    layers = find_layers(backbone.model)
-    shapes = probe(backbone.model, layers, backbone.data_config["input_size"])
+    limit = memory_limit()[0]
+    if img_size and limit is not None and 4 * 3 * img_size**2 > limit:
+        raise CloudError(f"--img-size {img_size}: one input image alone needs more than the memory allowed")
+    with address_space_limit(limit, f"{model} at its input size"):
+        backbone = create_backbone(model, "random-init", img_size=img_size, log=lambda _m: None,
+                                   model_kwargs=model_kwargs)
+        layers = find_layers(backbone.model)
+        shapes = probe(backbone.model, layers, backbone.data_config["input_size"])
     recipe = recipe_for(backbone.model)
     size = "x".join(str(s) for s in backbone.data_config["input_size"])
     has_head = recipe.head is not None and layers[-1].name == recipe.head
@@ -227,7 +237,7 @@ Examples:
 @click.option("--part-size", type=click.IntRange(5, 5120), default=64,
               help="MiB per part; larger shards upload in parts, each retried with backoff.")
 @click.option("--overwrite", is_flag=True, help="Replace a different feature set already at DESTINATION.")
-@click.option("--max-rate", type=click.FloatRange(0, min_open=True), default=None, help="Cap at this many MiB/s.")
+@click.option("--max-rate", type=finite_float(0, min_open=True), default=None, help="Cap at this many MiB/s.")
 @click.option("--progress", type=click.Choice(["auto", "bar", "lines", "none"]), default="auto",
               help="On stderr. auto: a bar on a terminal, one line per shard otherwise.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
@@ -252,7 +262,7 @@ def push(feature_set: str, destination: str, endpoint_url: str | None, part_size
 @click.option("--groups", default="auto", help="Gather* layer groups, exactly as extract takes them.")
 @click.option("--scale", type=click.Choice(["none", "mean"]), default="none", help="As for extract.")
 @click.option("--pool", type=click.Choice(["none", "mean", "cls"]), default="none", help="As for extract.")
-@click.option("--crop-pct", type=float, default=None, help="As for extract.")
+@click.option("--crop-pct", type=finite_float(0, min_open=True), default=None, help="As for extract.")
 @click.option("--crop-mode", type=click.Choice(["center", "squash", "border"]), default=None, help="As for extract.")
 @click.option("--interpolation", type=click.Choice(["bilinear", "bicubic", "nearest"]), default=None,
               help="As for extract.")
@@ -270,7 +280,7 @@ def push(feature_set: str, destination: str, endpoint_url: str | None, part_size
 @click.option("--tls-cert", type=click.Path(dir_okay=False), default=None, help="PEM certificate: serve HTTPS.")
 @click.option("--tls-key", type=click.Path(dir_okay=False), default=None, help="PEM private key of --tls-cert.")
 @click.option("--max-batch", type=click.IntRange(1), default=16, help="Images per backbone forward; 1: one at a time.")
-@click.option("--max-wait-ms", type=click.FloatRange(0), default=5.0,
+@click.option("--max-wait-ms", type=finite_float(0), default=5.0,
               help="How long a forward waits for more requests to batch.")
 @click.option("--max-queue", type=click.IntRange(1), default=64,
               help="Images queued or in the forward; more requests get 503.")
@@ -278,7 +288,7 @@ def push(feature_set: str, destination: str, endpoint_url: str | None, part_size
 @click.option("--max-body-bytes", type=click.IntRange(1), default=16 * 1024 * 1024, help="Largest request body.")
 @click.option("--max-pixels", type=click.IntRange(1), default=25_000_000,
               help="Largest image (width x height), checked before decoding: the decompression-bomb guard.")
-@click.option("--client-timeout", type=click.FloatRange(0.1), default=10.0,
+@click.option("--client-timeout", type=finite_float(0.1), default=10.0,
               help="Seconds a client has to send its headers, and again its body.")
 @click.option("--max-connections", type=click.IntRange(1), default=64, help="Open connections; more get 503.")
 def serve(model: str, pretrained: bool, weights: str | None, random_init: bool, groups: str, scale: str, pool: str,

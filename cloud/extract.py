@@ -17,6 +17,7 @@ import click
 import numpy as np
 import torch
 
+from mist.device.validate import memory_limit, memory_problem
 from mist.formats import FeatureSet, FeatureSetWriter, Manifest
 from mist.formats.atomic import atomic_write_bytes
 from mist.formats.ship import MAX_SHARD_BYTES, capped_shard_rows
@@ -36,6 +37,7 @@ from .gather import (
     parse_groups,
     pool_tokens,
 )
+from .resources import address_space_limit
 from .taps import GroupTap, Layer, find_layers, probe, recipe_for
 
 SKIPPED_NAME = "skipped.txt"
@@ -71,6 +73,7 @@ class ExtractConfig:
     crop_mode: str | None = None
     interpolation: str | None = None
     pool: str = "none"  # "mean" or "cls": ship one pooled token per map (T=1)
+    max_memory: int | None = None  # bytes; None: what the machine has available (cloud/resources.py)
 
 
 @dataclass
@@ -98,8 +101,17 @@ def extract(cfg: ExtractConfig, log: Log = print) -> ExtractResult:
     if len(ids) == 0:
         raise CloudError(f"--data {cfg.data}: the selection is empty")
 
-    frozen = load_frozen(cfg.model, cfg.weights, cfg.weights_file, cfg.img_size, cfg.seed, cfg.groups, cfg.pool,
-                         _data_overrides(cfg), device, cfg.autocast, log, model_kwargs=cfg.model_kwargs)
+    limit, _ = memory_limit(cfg.max_memory)
+    batch = min(cfg.batch_size, len(ids))
+    if cfg.img_size:  # the input batch alone, before a model is built at that size
+        problem = memory_problem(2 * batch * 4 * 3 * cfg.img_size**2,
+                                 f"--img-size {cfg.img_size} with --batch-size {batch}", cfg.max_memory)
+        if problem:
+            raise CloudError(problem)
+    # Building the model and its one-image probe may not outgrow the allowance (cloud/resources.py).
+    with address_space_limit(limit, f"--model {cfg.model} at its input size"):
+        frozen = load_frozen(cfg.model, cfg.weights, cfg.weights_file, cfg.img_size, cfg.seed, cfg.groups,
+                             cfg.pool, _data_overrides(cfg), device, cfg.autocast, log, model_kwargs=cfg.model_kwargs)
     backbone, model, layers, groups = frozen.backbone, frozen.model, frozen.layers, frozen.groups
     tokens, dim = frozen.tokens, frozen.dim
     manifest = frozen.manifest(cfg.scale, cfg.dtype, classes=source.classes, split=cfg.split,

@@ -57,7 +57,9 @@ def model_from_checkpoint(ckpt: Checkpoint, path: str | Path) -> LAE | Probe:
         if ckpt.kind == "probe":
             return Probe(ProbeConfig.from_dict(ckpt.config), params)
         if ckpt.kind == "lae":
-            return build_model(LAEConfig.from_dict(ckpt.config), params)
+            from .checkpoint_check import adaptor_config  # metadata checked against the weights first
+
+            return build_model(adaptor_config(ckpt, path), params)
     except (KeyError, TypeError, ValueError) as e:
         raise FormatError(f"{path}: checkpoint config or weights do not form a {ckpt.kind} ({e})") from None
     raise FormatError(f"{path}: a {ckpt.kind!r} checkpoint holds no single model; use its run's best.safetensors")

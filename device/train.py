@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -21,6 +22,7 @@ import numpy as np
 from mist.formats import Checkpoint, FeatureSet, FormatError, Manifest, load_checkpoint, save_checkpoint
 from mist.formats.atomic import atomic_write_bytes
 
+from .checkpoint_check import adaptor_config
 from .fast_lae import FastLAE, build_model
 from .lae import LAE, LAEConfig, flops_per_image, init_params, loss_and_grads
 from .optim import AdamW, clip_grad_norm, lr_schedule
@@ -170,8 +172,11 @@ class Trainer:
         self.model = build_model(cfg, init_params(cfg, opts.seed))
         self.optimizer = AdamW(self.model.params, lr=opts.lr, weight_decay=opts.weight_decay)
         self._truncate_metrics = False
+        self._pending_metrics: list[str] = []  # step records of an --overwrite run's first epoch (progress.py)
         self.state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "best_val": None,
-                                      "loss_sum": 0.0, "correct": 0, "seen": 0, "elapsed": 0.0}
+                                      "loss_sum": 0.0, "correct": 0, "seen": 0, "elapsed": 0.0,
+                                      # Tags this run's metrics lines, so a resume never keeps another run's.
+                                      "run": secrets.token_hex(8)}
 
     # ---- checkpoints ----
 
@@ -197,6 +202,7 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         ckpt = load_checkpoint(path)
+        adaptor_config(ckpt, path)  # metadata and weights agree before any weight is copied in
         if not ckpt.resumable:
             raise FormatError(f"{path}: not a resumable checkpoint (no train_state)")
         if ckpt.feature_set.get("fingerprint") != self.train_set.fingerprint:
@@ -222,7 +228,7 @@ class Trainer:
         last = self.run_dir / LAST
         if resume and last.exists():
             self.resume(last)
-            _drop_metrics_after(self.run_dir / METRICS, self.state["epoch"])
+            _drop_metrics_after(self.run_dir / METRICS, self.state["epoch"], self.state.get("run"))
             self.log(f"resumed from {last} at epoch {self.state['epoch'] + 1}, step {self.state['step']}")
         elif resume:  # killed before the first checkpoint: nothing to resume, start clean
             _drop_metrics_after(self.run_dir / METRICS, 0)
@@ -288,11 +294,26 @@ class Trainer:
         s.update(epoch=epoch + 1, batch=0, loss_sum=0.0, correct=0, seen=0)
         if improved:
             s["best_val"] = score
+        if s.get("run"):
+            record["run"] = s["run"]
         ckpt = self.checkpoint()
-        mode = "w" if self._truncate_metrics else "a"
-        self._truncate_metrics = False
-        with open(self.run_dir / METRICS, mode) as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        if self._truncate_metrics:
+            # --overwrite: the old run's metrics stay whole until this run's checkpoints have replaced the old
+            # ones, then one atomic rename swaps them; a kill in between leaves lines tagged with the old
+            # run, which a resume drops.
+            if improved:
+                save_checkpoint(self.run_dir / BEST, ckpt)
+            save_checkpoint(self.run_dir / LAST, ckpt)
+            atomic_write_bytes(self.run_dir / METRICS, ("".join(self._pending_metrics) + line).encode())
+            self._pending_metrics = []
+            self._truncate_metrics = False
+            return record
+        try:
+            with open(self.run_dir / METRICS, "a") as f:
+                f.write(line)
+        except OSError as e:  # a full disk fails in write() or close(), with no file name of its own
+            raise OSError(e.errno, e.strerror or str(e), str(self.run_dir / METRICS)) from None
         # best before last: a kill between the two leaves `last` at the previous epoch, so the resumed run
         # replays this epoch and writes `best` again; the other order would lose this epoch's best for good.
         if improved:
@@ -313,9 +334,10 @@ def _epoch_line(r: dict[str, Any], epochs: int) -> str:
     return line
 
 
-def _drop_metrics_after(path: Path, epoch: int) -> None:
+def _drop_metrics_after(path: Path, epoch: int, run: str | None = None) -> None:
     """A kill between the metrics line and the checkpoint leaves a line the resumed run will write again,
-    and a kill mid-line leaves half a line: keep only whole lines of epochs the checkpoint has finished."""
+    and a kill mid-line leaves half a line: keep only whole lines of epochs the checkpoint has finished,
+    and (when the checkpoint names its run) only lines of that run."""
     if not path.exists():
         return
     kept = []
@@ -324,6 +346,8 @@ def _drop_metrics_after(path: Path, epoch: int) -> None:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(record, dict) and record.get("epoch", 0) <= epoch:
+        if not isinstance(record, dict) or (run and record.get("run", run) != run):
+            continue
+        if record.get("epoch", 0) <= epoch:
             kept.append(line + "\n")
     atomic_write_bytes(path, "".join(kept).encode())
