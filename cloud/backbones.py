@@ -123,8 +123,11 @@ def _build(name: str, pretrained: bool, kwargs: dict[str, Any], **extra: Any) ->
         if "img_size" not in kwargs:
             raise CloudError(f"{name} does not take these model arguments: {e}") from None
         error: Exception = e
-    except (ValueError, AssertionError) as e:  # an argument it takes, with a value it cannot build
-        raise CloudError(f"{name} cannot be built with {kwargs}: {e or e.__class__.__name__}") from None
+    except (ValueError, AssertionError, RuntimeError) as e:  # an argument it takes, with a value it cannot build
+        if isinstance(e, RuntimeError) and "alloc" in str(e).lower():
+            raise  # out of memory: the caller's memory guard (cloud/resources.py) words it
+        reason = (str(e).splitlines() or [""])[0] or e.__class__.__name__
+        raise CloudError(f"{name} cannot be built with {kwargs}: {reason}") from None
     # CNNs take any input size without an img_size argument; data_config() carries the override.
     rest = {k: v for k, v in kwargs.items() if k != "img_size"}
     try:

@@ -18,6 +18,7 @@ from mist.device.cli_common import (
     package_version,
     teach,
 )
+from mist.device.validate import SEED, finite_float, memory_limit, memory_option
 
 from .errors import CloudError
 
@@ -110,17 +111,18 @@ def _weights_choice(pretrained: bool, weights: str | None, random_init: bool) ->
               help="Divide each group's sum by its size (mean) or not.")
 @click.option("--dtype", type=click.Choice(["float16", "float32", "int8", "int4"]), default="float16",
               help="Storage dtype. int8/int4: the fp32 sums quantised with one fp16 scale per token.")
-@click.option("--batch-size", type=int, default=16)
-@click.option("--workers", type=int, default=1, help="DataLoader processes that decode images.")
-@click.option("--threads", type=click.IntRange(1), default=None,
+@click.option("--batch-size", type=click.IntRange(1), default=16)
+@click.option("--workers", type=click.IntRange(0, 256), default=1, help="DataLoader processes that decode images.")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None,
               help="torch threads for the forward. Default: torch's.")
-@click.option("--shard-rows", type=int, default=512,
+@click.option("--shard-rows", type=click.IntRange(1), default=512,
               help="Rows per shard, rounded up to a multiple of --batch-size.")
-@click.option("--limit", type=int, default=None, help="Extract a random subset of this many images.")
-@click.option("--per-class", type=int, default=None, help="Extract this many random images of each class.")
-@click.option("--seed", type=int, default=0, help="Seeds the subsets and --random-init.")
-@click.option("--img-size", type=int, default=None, help="Input size override (default: the model's).")
-@click.option("--crop-pct", type=float, default=None,
+@click.option("--limit", type=click.IntRange(1), default=None, help="Extract a random subset of this many images.")
+@click.option("--per-class", type=click.IntRange(1), default=None,
+              help="Extract this many random images of each class.")
+@click.option("--seed", type=SEED, default=0, help="Seeds the subsets and --random-init.")
+@click.option("--img-size", type=click.IntRange(1), default=None, help="Input size override (default: the model's).")
+@click.option("--crop-pct", type=finite_float(0, min_open=True), default=None,
               help="Fraction of the resized image the centre crop keeps; 1.0 keeps it all (default: the model's, "
                    "e.g. 0.875 for Lite0). Recorded in the manifest.")
 @click.option("--crop-mode", type=click.Choice(["center", "squash", "border"]), default=None,
@@ -140,6 +142,7 @@ def _weights_choice(pretrained: bool, weights: str | None, random_init: bool) ->
 @click.option("--autocast", type=click.Choice(["auto", "off", "bf16", "fp16"]), default="auto",
               help="Forward in bf16/fp16 autocast (sums stay fp32). auto: bf16 for ViTs on CUDA, else off; "
                    "recorded in the manifest when on.")
+@memory_option
 def extract(model: str, pretrained: bool, weights: str | None, random_init: bool, data: str, split: str,
             out: str, groups: str, scale: str, dtype: str, batch_size: int, workers: int, threads: int | None,
             shard_rows: int, limit: int | None, per_class: int | None, seed: int, img_size: int | None,
@@ -161,6 +164,7 @@ def extract(model: str, pretrained: bool, weights: str | None, random_init: bool
         overwrite=overwrite, img_size=img_size, model_kwargs=model_kwargs, device=device, progress=progress,
         crop_pct=crop_pct, crop_mode=crop_mode, interpolation=interpolation, pool=pool,
         autocast=autocast,
+        max_memory=memory_limit()[0],
     )
     run(cfg, log=_log)
 
@@ -186,18 +190,24 @@ def convert(feature_set: str, dtype: str, out: str, shard_rows: int | None, over
 
 @main.command()
 @click.argument("model")
-@click.option("--img-size", type=int, default=None, help="Input size override (default: the model's).")
+@click.option("--img-size", type=click.IntRange(1), default=None, help="Input size override (default: the model's).")
 @_MODEL_KWARGS
+@memory_option
 def info(model: str, img_size: int | None, model_kwargs: dict | None) -> None:
     """List MODEL's tappable layers with their (T, d), and suggest --groups. Needs no weights."""
     from .backbones import create_backbone
     from .gather import format_groups
+    from .resources import address_space_limit
     from .taps import find_layers, probe, recipe_for
 
-    backbone = create_backbone(model, "random-init", img_size=img_size, log=lambda _m: None,
-                               model_kwargs=model_kwargs)
-    layers = find_layers(backbone.model)
-    shapes = probe(backbone.model, layers, backbone.data_config["input_size"])
+    limit = memory_limit()[0]
+    if img_size and limit is not None and 4 * 3 * img_size**2 > limit:
+        raise CloudError(f"--img-size {img_size}: one input image alone needs more than the memory allowed")
+    with address_space_limit(limit, f"{model} at its input size"):
+        backbone = create_backbone(model, "random-init", img_size=img_size, log=lambda _m: None,
+                                   model_kwargs=model_kwargs)
+        layers = find_layers(backbone.model)
+        shapes = probe(backbone.model, layers, backbone.data_config["input_size"])
     recipe = recipe_for(backbone.model)
     size = "x".join(str(s) for s in backbone.data_config["input_size"])
     has_head = recipe.head is not None and layers[-1].name == recipe.head
@@ -248,7 +258,7 @@ Examples:
 @click.option("--part-size", type=click.IntRange(5, 5120), default=64,
               help="MiB per part; larger shards upload in parts, each retried with backoff.")
 @click.option("--overwrite", is_flag=True, help="Replace a different feature set already at DESTINATION.")
-@click.option("--max-rate", type=click.FloatRange(0, min_open=True), default=None, help="Cap at this many MiB/s.")
+@click.option("--max-rate", type=finite_float(0, min_open=True), default=None, help="Cap at this many MiB/s.")
 @click.option("--progress", type=click.Choice(["auto", "bar", "lines", "none"]), default="auto",
               help="On stderr. auto: a bar on a terminal, one line per shard otherwise.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
@@ -265,12 +275,82 @@ def push(feature_set: str, destination: str, endpoint_url: str | None, part_size
              part_size_mib=part_size, as_json=as_json, progress=progress)
 
 
+@main.command()
+@click.option("--model", required=True, help="A timm model name, as for extract.")
+@click.option("--pretrained", is_flag=True, help="Pretrained weights, as for extract.")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="A local state dict for --model.")
+@click.option("--random-init", is_flag=True, help="Random weights (seeded by --seed).")
+@click.option("--groups", default="auto", help="Gather* layer groups, exactly as extract takes them.")
+@click.option("--scale", type=click.Choice(["none", "mean"]), default="none", help="As for extract.")
+@click.option("--pool", type=click.Choice(["none", "mean", "cls"]), default="none", help="As for extract.")
+@click.option("--crop-pct", type=finite_float(0, min_open=True), default=None, help="As for extract.")
+@click.option("--crop-mode", type=click.Choice(["center", "squash", "border"]), default=None, help="As for extract.")
+@click.option("--interpolation", type=click.Choice(["bilinear", "bicubic", "nearest"]), default=None,
+              help="As for extract.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", help="Dtype of the answers.")
+@click.option("--seed", type=int, default=0, help="Seeds --random-init.")
+@click.option("--img-size", type=int, default=None, help="Input size override (default: the model's).")
+@_MODEL_KWARGS
+@click.option("--device", default="cpu", help="cpu, cuda, cuda:N, or auto.")
+@click.option("--autocast", type=click.Choice(["auto", "off", "bf16", "fp16"]), default="auto", help="As for extract.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="torch threads for the forward.")
+@click.option("--host", default="127.0.0.1", help="Address to bind; anything but loopback is reachable by others.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8750, help="TCP port; 0 picks a free one.")
+@click.option("--token-file", type=click.Path(dir_okay=False), default=None,
+              help="File holding the bearer token clients must send. Default: $MIST_SERVE_TOKEN, else no token.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), default=None, help="PEM certificate: serve HTTPS.")
+@click.option("--tls-key", type=click.Path(dir_okay=False), default=None, help="PEM private key of --tls-cert.")
+@click.option("--max-batch", type=click.IntRange(1), default=16, help="Images per backbone forward; 1: one at a time.")
+@click.option("--max-wait-ms", type=finite_float(0), default=5.0,
+              help="How long a forward waits for more requests to batch.")
+@click.option("--max-queue", type=click.IntRange(1), default=64,
+              help="Images queued or in the forward; more requests get 503.")
+@click.option("--max-images", type=click.IntRange(1), default=16, help="Images in one request.")
+@click.option("--max-body-bytes", type=click.IntRange(1), default=16 * 1024 * 1024, help="Largest request body.")
+@click.option("--max-pixels", type=click.IntRange(1), default=25_000_000,
+              help="Largest image (width x height), checked before decoding: the decompression-bomb guard.")
+@click.option("--client-timeout", type=finite_float(0.1), default=10.0,
+              help="Seconds a client has to send its headers, and again its body.")
+@click.option("--max-connections", type=click.IntRange(1), default=64, help="Open connections; more get 503.")
+def serve(model: str, pretrained: bool, weights: str | None, random_init: bool, groups: str, scale: str, pool: str,
+          crop_pct: float | None, crop_mode: str | None, interpolation: str | None, dtype: str, seed: int,
+          img_size: int | None, model_kwargs: dict | None, device: str, autocast: str, threads: int | None, host: str,
+          port: int, token_file: str | None, tls_cert: str | None, tls_key: str | None, max_batch: int,
+          max_wait_ms: float, max_queue: int, max_images: int, max_body_bytes: int, max_pixels: int,
+          client_timeout: float, max_connections: int) -> None:
+    """Serve --model's Gather* sums over HTTP for `mist-device predict --server`. See docs/serve.md.
+
+    POST /v1/features (one image as the body, or several as multipart/form-data) answers a safetensors
+    feature shard; GET /v1/layout the layout; GET /healthz liveness.
+    """
+    from .serve import ServeConfig, check_safety, read_token
+    from .serve import serve as run
+
+    cfg = ServeConfig(host=host, port=port, token=read_token(token_file), tls_cert=tls_cert, tls_key=tls_key,
+                      scale=scale, dtype=dtype, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                      max_queue=max(max_queue, max_images), max_images=max_images, max_body_bytes=max_body_bytes,
+                      max_pixels=max_pixels, client_timeout=client_timeout, max_connections=max_connections)
+    check_safety(cfg, _log)  # before torch and the backbone load: a bad token or certificate fails at once
+    import torch
+
+    from .extract import load_frozen
+
+    if threads:
+        torch.set_num_threads(threads)
+    overrides = {"crop_pct": crop_pct, "crop_mode": crop_mode, "interpolation": interpolation}
+    frozen = load_frozen(model, _weights_choice(pretrained, weights, random_init), weights, img_size, seed, groups,
+                         pool, {k: v for k, v in overrides.items() if v is not None}, device, autocast, _log,
+                         model_kwargs=model_kwargs)
+    run(frozen, cfg, log=_log)
+
+
 # ---- help that teaches: summaries, examples, environment variables, metavars, option groups -----------------
 
 _SHORT_HELP = {
     "extract": "Extract Gather* summed features of images into a feature set.",
     "info": "List a model's tappable layers and suggest --groups.",
     "convert": "Re-encode a feature set in another dtype (int8, int4), no backbone.",
+    "serve": "Serve Gather* sums of new images over HTTP (predict --server).",
 }
 
 _EPILOGS = {
@@ -294,6 +374,12 @@ Examples:
   mist-cloud convert feats/train-int8 --dtype float16 --out feats/back --shard-rows 256
 Start from float32 or float16 when you can: int8 -> int4 quantises twice. The formulas are in
 formats/SPEC.md §12.""",
+    "serve": """\b
+Examples:
+  mist-cloud serve --model tf_efficientnet_lite0 --pretrained --groups 12-15 --token-file token
+  mist-cloud serve --model tf_efficientnet_lite0 --pretrained --groups 12-15 --host 0.0.0.0 \\
+      --token-file token --tls-cert cert.pem --tls-key key.pem
+Take the backbone options the training set was extracted with; the device refuses a server that differs.""",
     "info": """\b
 Examples:
   mist-cloud info tf_efficientnet_lite0

@@ -24,6 +24,7 @@ from PIL import Image
 from mist.formats import sha256_file
 
 from .errors import CloudError
+from .images import to_rgb
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
@@ -50,7 +51,9 @@ class Source:
         if self.pixels is not None:
             return Image.fromarray(self.pixels[i]).convert("RGB")  # 2-D uint8: greyscale
         with Image.open(self.paths[i]) as image:
-            return image.convert("RGB")  # convert() forces the full decode, inside the try of the caller
+            # Every mode to the RGB a viewer shows (16-bit, float, alpha, EXIF orientation: cloud/images.py),
+            # fully decoded here, inside the try of the caller.
+            return to_rgb(image, str(self.paths[i]))
 
     def describe(self, i: int) -> str:
         return str(self.paths[i]) if self.paths else f"{self.kind} #{i}"

@@ -17,13 +17,14 @@ import click
 import numpy as np
 import torch
 
+from mist.device.validate import memory_limit, memory_problem
 from mist.formats import FeatureSet, FeatureSetWriter, Manifest
 from mist.formats.atomic import atomic_write_bytes
 from mist.formats.quant import SCHEMES, QuantError, bytes_per_row
 from mist.formats.ship import MAX_SHARD_BYTES, capped_shard_rows
 
 from . import distributed, precision
-from .backbones import create_backbone, make_transform
+from .backbones import Backbone, create_backbone, make_transform
 from .datasets import ImageDataset, collate, dataset_record, open_source, select
 from .errors import CloudError
 from .gather import (
@@ -37,7 +38,8 @@ from .gather import (
     parse_groups,
     pool_tokens,
 )
-from .taps import GroupTap, find_layers, probe, recipe_for
+from .resources import address_space_limit
+from .taps import GroupTap, Layer, find_layers, probe, recipe_for
 
 SKIPPED_NAME = "skipped.txt"
 Log = Callable[[str], None]
@@ -72,6 +74,7 @@ class ExtractConfig:
     crop_mode: str | None = None
     interpolation: str | None = None
     pool: str = "none"  # "mean" or "cls": ship one pooled token per map (T=1)
+    max_memory: int | None = None  # bytes; None: what the machine has available (cloud/resources.py)
 
 
 @dataclass
@@ -99,38 +102,21 @@ def extract(cfg: ExtractConfig, log: Log = print) -> ExtractResult:
     if len(ids) == 0:
         raise CloudError(f"--data {cfg.data}: the selection is empty")
 
-    backbone = create_backbone(cfg.model, cfg.weights, cfg.weights_file, cfg.img_size, cfg.seed, log,
-                               model_kwargs=cfg.model_kwargs)
-    backbone.data_config.update(_data_overrides(cfg))
-    model = backbone.model
-    layers = find_layers(model)
-    shapes = probe(model, layers, backbone.data_config["input_size"])
-    if cfg.groups.strip().lower() == "auto":
-        groups = auto_groups([s.td for s in shapes])
-    else:
-        groups = parse_groups(cfg.groups, len(layers))
-    tokens, dim = check_group_shapes(groups, [s.td for s in shapes], [la.name for la in layers])
-    shape = shapes[groups[0][0]]
-    prefix, grid = shape.prefix, None if shape.grid is None else list(shape.grid)
-    if cfg.pool == "cls" and prefix < 1:
-        raise CloudError(f"--pool cls needs a class token, but {cfg.model}'s layers have none; use --pool mean")
-    if cfg.pool != "none":
-        tokens, prefix, grid = 1, 0, None
-    channels_last = recipe_for(model).layout == "NCHW"
-    if channels_last:  # measured ~5x faster for EfficientNet-Lite0 on CPU (docs/cloud.md)
-        model = model.to(memory_format=torch.channels_last)
-    model = model.to(device)
-    autocast = precision.autocast_choice(cfg.autocast, device, recipe_for(model).layout)
-    if device.type == "cuda" and autocast == "off":
-        precision.exact_fp32_on_cuda()
-
-    manifest = Manifest(
-        backbone={**backbone.describe(), **precision.manifest_record(autocast)}, groups=groups, scale=cfg.scale,
-        tokens=tokens, prefix_tokens=prefix, grid=grid, dim=dim, pool=cfg.pool,
-        dtype=cfg.dtype, data_config=backbone.data_config, classes=source.classes, split=cfg.split,
-        dataset=dataset_record(source, cfg.split, ids, cfg.limit, cfg.per_class, cfg.seed),
-        layer_names=[la.name for la in layers],
-    )
+    limit, _ = memory_limit(cfg.max_memory)
+    batch = min(cfg.batch_size, len(ids))
+    if cfg.img_size:  # the input batch alone, before a model is built at that size
+        problem = memory_problem(2 * batch * 4 * 3 * cfg.img_size**2,
+                                 f"--img-size {cfg.img_size} with --batch-size {batch}", cfg.max_memory)
+        if problem:
+            raise CloudError(problem)
+    # Building the model and its one-image probe may not outgrow the allowance (cloud/resources.py).
+    with address_space_limit(limit, f"--model {cfg.model} at its input size"):
+        frozen = load_frozen(cfg.model, cfg.weights, cfg.weights_file, cfg.img_size, cfg.seed, cfg.groups,
+                             cfg.pool, _data_overrides(cfg), device, cfg.autocast, log, model_kwargs=cfg.model_kwargs)
+    backbone, model, layers, groups = frozen.backbone, frozen.model, frozen.layers, frozen.groups
+    tokens, dim = frozen.tokens, frozen.dim
+    manifest = frozen.manifest(cfg.scale, cfg.dtype, classes=source.classes, split=cfg.split,
+                               dataset=dataset_record(source, cfg.split, ids, cfg.limit, cfg.per_class, cfg.seed))
     shard_rows = -(-cfg.shard_rows // cfg.batch_size) * cfg.batch_size
     if shard_rows != cfg.shard_rows:
         log(f"shard rows {cfg.shard_rows} -> {shard_rows}, a multiple of the batch size, so a resumed run "
@@ -151,12 +137,7 @@ def extract(cfg: ExtractConfig, log: Log = print) -> ExtractResult:
             num_workers=cfg.workers, collate_fn=collate, shuffle=False, pin_memory=device.type == "cuda")
         with GroupTap(model, layers, groups) as tap, torch.inference_mode():
             for images, labels, row_ids in _rebatch(loader, cfg.batch_size, skips, progress):
-                images = images.to(device, non_blocking=True)
-                if channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with precision.autocast(autocast, device):
-                    sums = tap(images)
-                sums = finish(pool_tokens(sums, cfg.pool), groups, cfg.scale, _sum_dtype(cfg.dtype)).cpu()
+                sums = frozen.gather(tap, images, cfg.scale, _sum_dtype(cfg.dtype))
                 progress.update(len(row_ids))
                 yield sums.numpy(), labels.numpy(), row_ids.numpy()
 
@@ -199,6 +180,77 @@ def extract(cfg: ExtractConfig, log: Log = print) -> ExtractResult:
     if skips.count:
         log(f"skipped {skips.count} unreadable images, listed in {skips.path}")
     return ExtractResult(final, written, resumed, skips.count, seconds)
+
+
+@dataclass
+class FrozenBackbone:
+    """A backbone ready to tap: its layers, parsed groups and their shape, on its device.
+
+    ``extract`` and ``serve`` both build it with ``load_frozen`` and run batches through ``gather``, so a
+    served image goes through exactly the code an extracted one does.
+    """
+
+    backbone: Backbone
+    model: torch.nn.Module
+    layers: list[Layer]
+    groups: list[list[int]]
+    tokens: int  # after --pool
+    dim: int
+    prefix: int
+    grid: list[int] | None
+    pool: str
+    device: torch.device
+    channels_last: bool
+    autocast: str  # resolved: "off", "bf16" or "fp16"
+
+    def manifest(self, scale: str, dtype: str, classes: list[str], split: str, dataset: dict) -> Manifest:
+        return Manifest(
+            backbone={**self.backbone.describe(), **precision.manifest_record(self.autocast)}, groups=self.groups,
+            scale=scale, tokens=self.tokens, prefix_tokens=self.prefix, grid=self.grid, dim=self.dim, pool=self.pool,
+            dtype=dtype, data_config=self.backbone.data_config, classes=classes, split=split, dataset=dataset,
+            layer_names=[la.name for la in self.layers],
+        )
+
+    def gather(self, tap: GroupTap, images: torch.Tensor, scale: str, dtype: str) -> torch.Tensor:
+        """(B, C, H, W) transformed images -> (B, k, T, d) group sums in the storage dtype, on the CPU."""
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with precision.autocast(self.autocast, self.device):
+            sums = tap(images)
+        return finish(pool_tokens(sums, self.pool), self.groups, scale, dtype).cpu()
+
+
+def load_frozen(model_name: str, weights: str, weights_file: str | None, img_size: int | None, seed: int,
+                groups_spec: str, pool: str, data_overrides: dict, device: torch.device | str, autocast: str,
+                log: Log, model_kwargs: dict | None = None) -> FrozenBackbone:
+    """Build the frozen backbone, find its layers, parse and check ``--groups``, move it to its device."""
+    device = _device(device) if isinstance(device, str) else device
+    backbone = create_backbone(model_name, weights, weights_file, img_size, seed, log, model_kwargs=model_kwargs)
+    backbone.data_config.update(data_overrides)
+    model = backbone.model
+    layers = find_layers(model)
+    shapes = probe(model, layers, backbone.data_config["input_size"])
+    if groups_spec.strip().lower() == "auto":
+        groups = auto_groups([s.td for s in shapes])
+    else:
+        groups = parse_groups(groups_spec, len(layers))
+    tokens, dim = check_group_shapes(groups, [s.td for s in shapes], [la.name for la in layers])
+    shape = shapes[groups[0][0]]
+    prefix, grid = shape.prefix, None if shape.grid is None else list(shape.grid)
+    if pool == "cls" and prefix < 1:
+        raise CloudError(f"--pool cls needs a class token, but {model_name}'s layers have none; use --pool mean")
+    if pool != "none":
+        tokens, prefix, grid = 1, 0, None
+    channels_last = recipe_for(model).layout == "NCHW"
+    if channels_last:  # measured ~5x faster for EfficientNet-Lite0 on CPU (docs/cloud.md)
+        model = model.to(memory_format=torch.channels_last)
+    model = model.to(device)
+    mode = precision.autocast_choice(autocast, device, recipe_for(model).layout)
+    if device.type == "cuda" and mode == "off":
+        precision.exact_fp32_on_cuda()
+    return FrozenBackbone(backbone, model, layers, groups, tokens, dim, prefix, grid, pool, device, channels_last,
+                          mode)
 
 
 def _check(cfg: ExtractConfig) -> None:

@@ -152,6 +152,12 @@ def probe(model: nn.Module, layers: Sequence[Layer], input_size: Sequence[int]) 
     try:
         with torch.inference_mode():
             forward_fn(model)(torch.zeros(1, *input_size))
+    except (AssertionError, ValueError, RuntimeError) as e:  # e.g. an input size the patch size does not divide
+        if isinstance(e, RuntimeError) and "alloc" in str(e).lower():
+            raise  # out of memory: the caller's memory guard words it
+        reason = (str(e).splitlines() or [""])[0] or e.__class__.__name__
+        raise CloudError(f"{type(model).__name__} cannot run on a {'x'.join(map(str, input_size))} input "
+                         f"({reason}); choose another --img-size") from None
     finally:
         hooks.remove()
     prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)

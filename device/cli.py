@@ -7,13 +7,16 @@ thread count through environment variables before NumPy loads.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
 
 from . import ship_commands
 from .cli_common import CONTEXT, completion_help, one_line_errors, os_error_message, package_version, teach
+from .output import csv_cell, json_text, terminal_text
 from .threads import set_blas_threads
+from .validate import SEED, finite_float, memory_option, require_memory
 
 
 def _open_set(path: str, verify: bool = False):
@@ -31,7 +34,7 @@ def _threads_option(f):
                 raise click.BadParameter(str(e), ctx=ctx) from None
         return value
 
-    return click.option("--threads", type=int, default=None, callback=apply, expose_value=False,
+    return click.option("--threads", type=click.IntRange(1, 1024), default=None, callback=apply, expose_value=False,
                         is_eager=True, help="BLAS threads (a Raspberry Pi: 1-4). Default: the BLAS default.")(f)
 
 
@@ -75,7 +78,7 @@ def info(feature_set: str, as_json: bool) -> None:
     fs = _open_set(feature_set)
     m = fs.manifest
     if as_json:
-        click.echo(json.dumps(m.to_json(), indent=2))
+        click.echo(json_text(m.to_json()))
         return
     import numpy as np
 
@@ -98,7 +101,7 @@ def info(feature_set: str, as_json: bool) -> None:
         f"input         {m.data_config.get('input_size')} {m.data_config.get('interpolation')} "
         f"mean={m.data_config.get('mean')} std={m.data_config.get('std')}",
     ]
-    click.echo("\n".join(lines))
+    click.echo("\n".join(terminal_text(line) for line in lines))
 
 
 def _groups_text(groups: list[list[int]]) -> str:
@@ -113,22 +116,34 @@ def _groups_text(groups: list[list[int]]) -> str:
 @ship_commands.endpoint_option("verify")
 @ship_commands.PROGRESS
 @ship_commands.JSON
-def verify(feature_set: str, endpoint_url: str | None, progress: str, as_json: bool) -> None:
+@click.option("--deep", is_flag=True, help="Also read every feature: refuse NaN or inf, count labelled rows.")
+def verify(feature_set: str, endpoint_url: str | None, progress: str, as_json: bool, deep: bool) -> None:
     """Check a feature set's manifest, every shard header and every shard checksum.
 
     FEATURE_SET is a folder or s3://bucket/prefix (there the shards stream and are hashed, nothing is stored).
     """
+    from mist.formats import FormatError
+
     if "://" in feature_set:
         ship_commands.verify_url(feature_set, endpoint_url, as_json, progress)
         return
     if not Path(feature_set).is_dir():
         raise click.BadParameter(f"{feature_set}: not a folder", param_hint="'FEATURE_SET'")
     fs = _open_set(feature_set, verify=True)
+    if len(fs) == 0:
+        raise FormatError(f"{fs.directory}: empty feature set (0 rows in {len(fs.manifest.shards)} shards); "
+                          "there is nothing to train on or evaluate")
+    counts = fs.check_values() if deep else None
     if as_json:
-        click.echo(json.dumps({"source": str(fs.directory), "rows": len(fs), "shards": len(fs.manifest.shards),
-                               "verified": True}))
+        click.echo(json_text({"source": str(fs.directory), "rows": len(fs), "shards": len(fs.manifest.shards),
+                              "verified": True, **({"values": counts} if counts else {})}, indent=None))
         return
-    click.echo(f"ok: {fs.directory} ({len(fs):,} rows, {len(fs.manifest.shards)} shards, checksums match)")
+    detail = ""
+    if counts:
+        detail = (f", all features finite, {counts['labelled']:,} labelled rows in {counts['classes_present']} of "
+                  f"{fs.num_classes} classes, {counts['unlabelled']:,} unlabelled")
+    click.echo(terminal_text(f"ok: {fs.directory} ({len(fs):,} rows, {len(fs.manifest.shards)} shards, "
+                             f"checksums match{detail})"))
 
 
 # ---- train ------------------------------------------------------------------------------------------------
@@ -140,7 +155,7 @@ def verify(feature_set: str, endpoint_url: str | None, progress: str, as_json: b
               help="Run directory: checkpoints (last, best) and metrics.jsonl.")
 @click.option("--val", "val_set", type=click.Path(exists=True, file_okay=False), default=None,
               help="A validation feature set (must be compatible with the training set).")
-@click.option("--val-split", type=click.FloatRange(0, 0.9), default=0.0,
+@click.option("--val-split", type=finite_float(0, 0.9), default=0.0,
               help="Hold out this fraction of each class of TRAIN_SET for validation (ignored with --val).")
 @click.option("--rank", type=click.IntRange(1), default=32, help="Low-rank width r of the attention.")
 @click.option("--heads", type=click.IntRange(1), default=4, help="Attention heads; must divide --rank.")
@@ -148,23 +163,27 @@ def verify(feature_set: str, endpoint_url: str | None, progress: str, as_json: b
               help="LAE blocks after each Gather* map; 0 leaves no attention: a linear probe on the same features.")
 @click.option("--pool", type=click.Choice(["mean", "cls"]), default="mean",
               help="Token pooling before the head: mean over tokens, or the class token.")
-@click.option("--input-scale", type=float, default=1.0, help="Multiply features by this on the device.")
+@click.option("--input-scale", type=finite_float(0, min_open=True), default=1.0,
+              help="Multiply features by this on the device.")
 @click.option("--epochs", type=click.IntRange(1), default=30)
-@click.option("--batch-size", type=click.IntRange(1), default=32)
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, help="Peak learning rate (AdamW).")
-@click.option("--min-lr", type=click.FloatRange(0), default=0.0, help="Learning rate at the end of the cosine.")
-@click.option("--weight-decay", type=click.FloatRange(0), default=1e-4,
+@click.option("--batch-size", type=click.IntRange(1), default=32,
+              help="Images per step. Memory per image: k*T*d*6 bytes (the float32 batch and the fp16 one read "
+                   "ahead) + blocks*heads*T*T*4 (attention maps) + small; measured at ViT-B/16 (k=1, T=197, "
+                   "d=768, 1 block): about 2.3 MB per image over a 60 MB base, so 32 peaks near 135 MB.")
+@click.option("--lr", type=finite_float(0, min_open=True), default=1e-3, help="Peak learning rate (AdamW).")
+@click.option("--min-lr", type=finite_float(0), default=0.0, help="Learning rate at the end of the cosine.")
+@click.option("--weight-decay", type=finite_float(0), default=1e-4,
               help="Decoupled weight decay; not applied to norms and biases.")
-@click.option("--warmup", type=click.FloatRange(0), default=None, metavar="EPOCHS",
+@click.option("--warmup", type=finite_float(0), default=None, metavar="EPOCHS",
               help="Linear warm-up length in epochs; more than half the run is clamped, with a warning. "
                    "Default: --warmup-fraction of the run.")
-@click.option("--warmup-fraction", type=click.FloatRange(0, 0.5), default=0.1,
+@click.option("--warmup-fraction", type=finite_float(0, 0.5), default=0.1,
               help="Warm-up as a fraction of the run, when --warmup is not given.")
-@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.1)
-@click.option("--grad-clip", type=click.FloatRange(0), default=1.0, help="Global gradient-norm clip; 0 disables.")
-@click.option("--seed", type=int, default=0,
+@click.option("--label-smoothing", type=finite_float(0, 1, max_open=True), default=0.1)
+@click.option("--grad-clip", type=finite_float(0), default=1.0, help="Global gradient-norm clip; 0 disables.")
+@click.option("--seed", type=SEED, default=0,
               help="Fixes the initialisation and the shuffle (and the val split, unless --val-seed).")
-@click.option("--val-seed", type=int, default=None,
+@click.option("--val-seed", type=SEED, default=None,
               help="Seeds the --val-split draw alone, so --seed can vary the initialisation on a fixed split. "
                    "Default: --seed.")
 @click.option("--save-every", type=click.IntRange(0), default=0,
@@ -190,8 +209,9 @@ def verify(feature_set: str, endpoint_url: str | None, progress: str, as_json: b
 @click.option("--pos-embed", is_flag=True, help="Learn a position embedding for the tokens (zero at start).")
 @click.option("--patience", type=click.IntRange(0), default=0,
               help="With --grid/--model auto: stop a member after N epochs without a better validation accuracy.")
-@click.option("--memory-limit", type=click.FloatRange(1), default=None,
+@click.option("--memory-limit", type=finite_float(1), default=None,
               help="MiB the grid may use (default: half the machine's memory); a grid estimated above it is refused.")
+@memory_option
 @_threads_option
 def train(train_set: str, run_dir: str, val_set: str | None, val_split: float, rank: int, heads: int,
           blocks_per_group: int, pool: str, input_scale: float, epochs: int, batch_size: int, lr: float,
@@ -220,6 +240,10 @@ def train(train_set: str, run_dir: str, val_set: str | None, val_split: float, r
                            input_scale=input_scale, pos_embed=pos_embed)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
+    from .memory import training_bytes
+
+    require_memory(training_bytes(cfg, min(batch_size, len(train_fs))),
+                   f"training {cfg.num_blocks} blocks of rank {cfg.rank} with --batch-size {batch_size}")
     opts = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, weight_decay=weight_decay,
                         warmup_epochs=warmup, label_smoothing=label_smoothing, grad_clip=grad_clip, seed=seed,
                         val_split=0.0 if val_fs is not None else val_split, save_every=save_every,
@@ -269,6 +293,16 @@ def _load_adaptor(path: str):
     return ckpt, model_from_checkpoint(ckpt, p), p
 
 
+def _require_inference_memory(model, batch_size: int, rows: int) -> None:
+    from .lae import LAEConfig
+    from .memory import inference_bytes
+
+    if not isinstance(model.cfg, LAEConfig):  # a probe is one matrix: nothing to estimate
+        return
+    require_memory(inference_bytes(model.cfg, min(batch_size, max(rows, 1)), rows),
+                   f"running {model.cfg.num_blocks} blocks over {rows} rows with --batch-size {batch_size}")
+
+
 def _check_set_against(ckpt, ckpt_path: Path, fs, classes: bool = True) -> None:
     from mist.formats import check_compatible
 
@@ -281,9 +315,12 @@ def _check_set_against(ckpt, ckpt_path: Path, fs, classes: bool = True) -> None:
 @click.argument("adaptor", type=click.Path(exists=True))
 @click.argument("test_set", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-@click.option("--batch-size", type=click.IntRange(1), default=128)
+@click.option("--batch-size", type=click.IntRange(1), default=128,
+              help="Rows per forward pass, capped so each pass holds at most 16 MB of float32 features "
+                   "(27 rows at ViT-B/16's k=1, T=197, d=768): memory stays bounded at any value.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the shards.")
 @_progress_option
+@memory_option
 @_threads_option
 def evaluate(adaptor: str, test_set: str, as_json: bool, batch_size: int, no_verify: bool, progress: str) -> None:
     """Accuracy, per-class accuracy and confusion matrix of ADAPTOR (a run dir or checkpoint) on TEST_SET.
@@ -297,43 +334,76 @@ def evaluate(adaptor: str, test_set: str, as_json: bool, batch_size: int, no_ver
     ckpt, model, path = _load_adaptor(adaptor)
     fs = _open_set(test_set, verify=not no_verify)
     _check_set_against(ckpt, path, fs, classes=False)
+    _require_inference_memory(model, batch_size, int((fs.labels >= 0).sum()))
     bar = rows_progress(int((fs.labels >= 0).sum()), progress, "evaluating", log=lambda m: click.echo(m, err=True))
     report = {"checkpoint": str(path), "test_set": test_set,
               **evaluate_by_name(model, ckpt.classes, fs, batch_size=batch_size, progress=bar)}
     rows, per_class = range(report["rows"]), list(report["per_class_accuracy"].values())
     confusion = report["confusion"]
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(json_text(report))
         return
-    click.echo(f"accuracy {report['accuracy']:.4f} on {len(rows)} rows ({path})")
-    width = max(len(c) for c in ckpt.classes)
-    for c, a in zip(ckpt.classes, per_class):
+    click.echo(terminal_text(f"accuracy {report['accuracy']:.4f} on {len(rows)} rows ({path})"))
+    shown = [terminal_text(c) for c in ckpt.classes]
+    width = max(len(c) for c in shown)
+    for c, a in zip(shown, per_class):
         click.echo(f"  {c:<{width}}  " + ("    -  (no test rows)" if a is None else f"{a:.3f}"))
     click.echo("confusion (rows: true, columns: predicted)")
-    for c, row in zip(ckpt.classes, confusion):
+    for c, row in zip(shown, confusion):
         click.echo(f"  {c:<{width}}  " + " ".join(f"{v:5d}" for v in row))
 
 
 @main.command()
 @click.argument("adaptor", type=click.Path(exists=True))
-@click.argument("feature_set", type=click.Path(exists=True, file_okay=False))
+@click.argument("feature_set", nargs=-1, required=True, metavar="FEATURE_SET | --server URL IMAGE...")
 @click.option("--top-k", type=click.IntRange(1), default=1, help="How many classes to list per row.")
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv")
+@click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="Write here instead of stdout.")
-@click.option("--batch-size", type=click.IntRange(1), default=128)
+@click.option("--batch-size", type=click.IntRange(1), default=128,
+              help="Rows per forward pass, capped so each pass holds at most 16 MB of float32 features "
+                   "(27 rows at ViT-B/16's k=1, T=197, d=768): memory stays bounded at any value.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the shards.")
+@click.option("--server", default=None,
+              help="A `mist-cloud serve` URL: classify the IMAGE files, the backbone running there (docs/serve.md).")
+@click.option("--token-file", type=click.Path(dir_okay=False), default=None,
+              help="With --server: file holding its bearer token. Default: $MIST_SERVE_TOKEN.")
+@click.option("--ca-cert", type=click.Path(dir_okay=False), default=None,
+              help="With an https --server: a PEM certificate to trust (e.g. a self-signed one).")
 @_progress_option
+@memory_option
 @_threads_option
-def predict(adaptor: str, feature_set: str, top_k: int, fmt: str, output: str | None, batch_size: int,
-            no_verify: bool, progress: str) -> None:
-    """Predict a class for every row of FEATURE_SET (labelled or not) with ADAPTOR."""
+def predict(adaptor: str, feature_set: tuple[str, ...], top_k: int, fmt: str, as_json: bool, output: str | None,
+            batch_size: int, no_verify: bool, server: str | None, token_file: str | None,
+            ca_cert: str | None, progress: str) -> None:
+    """Predict a class for every row of FEATURE_SET (labelled or not) with ADAPTOR.
+
+    With --server URL, the arguments are image files instead: each is sent to the server, only its Gather*
+    sums come back, and ADAPTOR classifies them here.
+    """
     import numpy as np
 
     from .train import evaluate_rows
 
+    fmt = "json" if as_json else fmt
     ckpt, model, path = _load_adaptor(adaptor)
+    if server is not None:
+        from . import remote
+
+        text, count = remote.run(ckpt, model, path, server, list(feature_set), remote.read_token(token_file),
+                                 ca_cert, min(top_k, len(ckpt.classes)), fmt)
+        _write_text(text, count, output)
+        return
+    if len(feature_set) != 1:
+        raise click.UsageError(f"expected one FEATURE_SET, got {len(feature_set)} arguments "
+                               "(image files go with --server URL)")
+    if not Path(feature_set[0]).is_dir():
+        raise click.UsageError(f"FEATURE_SET {feature_set[0]}: not a feature-set directory "
+                               "(image files go with --server URL)")
+    feature_set = feature_set[0]
     fs = _open_set(feature_set, verify=not no_verify)
     _check_set_against(ckpt, path, fs, classes=False)
+    _require_inference_memory(model, batch_size, len(fs))
     top_k = min(top_k, len(ckpt.classes))
     from .progress import rows_progress
 
@@ -349,7 +419,7 @@ def predict(adaptor: str, feature_set: str, top_k: int, fmt: str, output: str | 
                         "prediction": ckpt.classes[top[i, 0]],
                         "top": [{"class": ckpt.classes[c], "p": round(float(probs[i, c]), 6)} for c in top[i]]})
     if fmt == "json":
-        text = json.dumps(records, indent=1) + "\n"
+        text = json_text(records, indent=1) + "\n"
     else:
         header = ["id", "label", "prediction"] + [f"{kind}{j + 1}" for j in range(top_k) for kind in ("class", "p")]
         lines = [",".join(header)]
@@ -359,17 +429,23 @@ def predict(adaptor: str, feature_set: str, top_k: int, fmt: str, output: str | 
                 cells += [_csv(t["class"]), f"{t['p']:.6f}"]
             lines.append(",".join(cells))
         text = "\n".join(lines) + "\n"
+    _write_text(text, len(records), output)
+
+
+def _write_text(text: str, count: int, output: str | None) -> None:
     if output:
         from mist.formats.atomic import atomic_write_bytes
 
         atomic_write_bytes(output, text.encode())
-        click.echo(f"wrote {len(records)} predictions to {output}", err=True)
+        click.echo(f"wrote {count} predictions to {output}", err=True)
     else:
-        click.echo(text, nl=False)
+        if sys.stdout.isatty():  # quoted CSV may hold control characters; a terminal must not run them
+            text = "\n".join(terminal_text(line) for line in text.split("\n"))
+        click.echo(text, nl=False, color=True)  # color=True: click would strip ESC sequences out of the data
 
 
 def _csv(value: str) -> str:
-    return f'"{value.replace(chr(34), chr(34) * 2)}"' if any(c in value for c in ',"\n') else value
+    return csv_cell(value)
 
 
 @main.command()
@@ -382,8 +458,10 @@ def export(adaptor: str, out: str) -> None:
     ckpt, _, path = _load_adaptor(adaptor)
     if Path(out).resolve() == path.resolve():
         raise click.UsageError(f"{out} is the checkpoint being exported; choose another output file")
-    slim = Checkpoint(params=ckpt.params, config=ckpt.config, classes=ckpt.classes, feature_set=ckpt.feature_set,
-                      kind=ckpt.kind)
+    from .checkpoint_check import inference_record
+
+    slim = Checkpoint(params=ckpt.params, config=ckpt.config, classes=ckpt.classes,
+                      feature_set=inference_record(ckpt.feature_set), kind=ckpt.kind)
     save_checkpoint(out, slim)
     size = Path(out).stat().st_size
     click.echo(f"exported {path} -> {out} ({size:,} bytes)")
@@ -467,7 +545,7 @@ _SHORT_HELP = {
     "verify": "Check a feature set's manifest, headers and checksums.",
     "train": "Train the LAE adaptor on a feature set.",
     "evaluate": "Accuracy and confusion matrix of an adaptor on a test set.",
-    "predict": "Predict a class for every row of a feature set.",
+    "predict": "Predict classes for a feature set, or for images via --server.",
     "export": "Write an adaptor's weights only, for inference.",
 }
 
@@ -495,7 +573,8 @@ Examples:
     "predict": """\b
 Examples:
   mist-device predict run feats/new --top-k 3
-  mist-device predict adaptor.safetensors feats/new --format json --output predictions.json""",
+  mist-device predict adaptor.safetensors feats/new --format json --output predictions.json
+  mist-device predict run --server http://127.0.0.1:8750 --token-file token photo.jpg --top-k 3""",
     "export": """\b
 Examples:
   mist-device export run adaptor.safetensors""",

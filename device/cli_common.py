@@ -6,10 +6,18 @@ only click (not NumPy), so ``--threads`` can still set the BLAS thread count bef
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 
 import click
+
+from .output import terminal_text
+
+# The exit status of a process killed by SIGPIPE in a shell (128 + 13): `mist-device predict ... | head -1`
+# stops early, quietly, the way `yes | head -1` does.
+BROKEN_PIPE_EXIT = 141
 
 CONTEXT = {"auto_envvar_prefix": "MIST", "show_default": True, "help_option_names": ["-h", "--help"]}
 
@@ -83,12 +91,26 @@ def completion_help(prog: str) -> str:
             f"  eval \"$({var}=bash_source {prog})\"")
 
 
+def _quiet_broken_pipe() -> click.exceptions.Exit:
+    """The reader of stdout went away: point stdout at /dev/null, so the flush at exit cannot complain."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (a test runner)
+        pass
+    return click.exceptions.Exit(BROKEN_PIPE_EXIT)
+
+
 def one_line_errors(user_error_message: Callable[[Exception], str | None],
                     interrupted: str | None = None) -> type[click.Group]:
     """A click group class that turns the errors a user can fix into one line on stderr and exit status 1.
 
     ``user_error_message`` returns that line for such an error, or None for a bug, which keeps its traceback.
     ``interrupted`` is the line for Ctrl-C; without it click's own "Aborted!" is printed.
+    Every message is passed through ``terminal_text``, so a path or class name holding a newline or an
+    escape sequence still makes one harmless line. A closed stdout pipe ends the command quietly with
+    status 141, like any Unix tool killed by SIGPIPE.
     """
 
     class OneLineErrors(click.Group):
@@ -96,8 +118,15 @@ def one_line_errors(user_error_message: Callable[[Exception], str | None],
 
         def invoke(self, ctx: click.Context):
             try:
-                return super().invoke(ctx)
-            except (click.exceptions.Exit, click.ClickException, click.Abort):
+                result = super().invoke(ctx)
+                sys.stdout.flush()  # inside the try: a reader that left shows up here, not at exit
+                return result
+            except BrokenPipeError:
+                raise _quiet_broken_pipe() from None
+            except click.ClickException as e:
+                e.message = terminal_text(e.message, getattr(sys.stderr, "encoding", None))
+                raise
+            except (click.exceptions.Exit, click.Abort):
                 raise
             except KeyboardInterrupt:
                 if interrupted is None:
@@ -107,6 +136,6 @@ def one_line_errors(user_error_message: Callable[[Exception], str | None],
                 message = user_error_message(e)
                 if message is None:
                     raise
-                raise click.ClickException(message) from None
+                raise click.ClickException(terminal_text(message, getattr(sys.stderr, "encoding", None))) from None
 
     return OneLineErrors

@@ -13,13 +13,14 @@ import numpy as np
 
 from mist.formats import Checkpoint, FormatError
 
+from .fast_lae import build_model
 from .lae import LAE, LAEConfig, init_params
 from .probe import Probe, ProbeConfig
 
 
 def make_lae(cfg: LAEConfig, seed: int) -> LAE:
-    """The one place the grid trainer builds an adaptor: swap in a faster implementation here."""
-    return LAE(cfg, init_params(cfg, seed))
+    """The one place the grid trainer builds an adaptor: the fast path where it applies (fast_lae.build_model)."""
+    return build_model(cfg, init_params(cfg, seed))
 
 
 def model_kind(model: Any) -> str:
@@ -56,7 +57,9 @@ def model_from_checkpoint(ckpt: Checkpoint, path: str | Path) -> LAE | Probe:
         if ckpt.kind == "probe":
             return Probe(ProbeConfig.from_dict(ckpt.config), params)
         if ckpt.kind == "lae":
-            return LAE(LAEConfig.from_dict(ckpt.config), params)
+            from .checkpoint_check import adaptor_config  # metadata checked against the weights first
+
+            return build_model(adaptor_config(ckpt, path), params)
     except (KeyError, TypeError, ValueError) as e:
         raise FormatError(f"{path}: checkpoint config or weights do not form a {ckpt.kind} ({e})") from None
     raise FormatError(f"{path}: a {ckpt.kind!r} checkpoint holds no single model; use its run's best.safetensors")

@@ -90,10 +90,12 @@ class TrainProgress:
         from .train import METRICS
 
         t = self.trainer
-        mode = "w" if t._truncate_metrics else "a"  # a fresh run replaces the old metrics at its first record
-        t._truncate_metrics = False
-        with open(t.run_dir / METRICS, mode) as f:
-            f.write(json.dumps({"kind": "step", **info}) + "\n")
+        line = json.dumps({"kind": "step", **info}) + "\n"
+        if t._truncate_metrics:  # --overwrite: held back until the first epoch's checkpoints replace the old run's
+            t._pending_metrics.append(line)
+            return
+        with open(t.run_dir / METRICS, "a") as f:
+            f.write(line)
 
 
 def rows_progress(total: int, mode: str, label: str, stream: TextIO | None = None,

@@ -9,6 +9,8 @@ import json
 
 import click
 
+from .validate import finite_float
+
 
 def endpoint_option(command: str):
     """--endpoint-url, read from MIST_<COMMAND>_ENDPOINT_URL or the shared MIST_S3_ENDPOINT_URL."""
@@ -32,7 +34,7 @@ Examples:
 @click.argument("destination")
 @endpoint_option("pull")
 @click.option("--overwrite", is_flag=True, help="Replace a different feature set already at DESTINATION.")
-@click.option("--max-rate", type=click.FloatRange(0, min_open=True), default=None,
+@click.option("--max-rate", type=finite_float(0, min_open=True), default=None,
               help="Cap the copy at this many MiB/s (a shared link).")
 @PROGRESS
 @JSON

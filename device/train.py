@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -21,8 +22,11 @@ import numpy as np
 from mist.formats import Checkpoint, FeatureSet, FormatError, Manifest, load_checkpoint, save_checkpoint
 from mist.formats.atomic import atomic_write_bytes
 
+from .checkpoint_check import adaptor_config
+from .fast_lae import FastLAE, build_model
 from .lae import LAE, LAEConfig, flops_per_image, init_params, loss_and_grads
 from .optim import AdamW, clip_grad_norm, lr_schedule
+from .readahead import read_batches
 from .schedule import warmup_steps
 
 LAST, BEST, METRICS = "last.safetensors", "best.safetensors", "metrics.jsonl"
@@ -73,18 +77,41 @@ def read_finite(fs: FeatureSet, rows: np.ndarray, dtype: np.dtype) -> np.ndarray
     return x
 
 
+def _raise_nonfinite(fs: FeatureSet) -> Callable[[np.ndarray], None]:
+    def fail(rows: np.ndarray) -> None:
+        raise TrainingError(f"{fs.directory}: non-finite values in the features of rows {rows[:5].tolist()}")
+
+    return fail
+
+
+# Evaluation reads at most this many bytes of float32 features per forward, whatever --batch-size says:
+# its memory is then bounded by the set's row shape alone (see eval_chunk_rows).
+EVAL_CHUNK_BYTES = 16 << 20
+
+
+def eval_chunk_rows(cfg: LAEConfig, batch_size: int) -> int:
+    """Rows per evaluation forward: batch_size, capped so the float32 maps stay under EVAL_CHUNK_BYTES."""
+    return max(1, min(batch_size, EVAL_CHUNK_BYTES // (4 * cfg.groups * cfg.tokens * cfg.dim)))
+
+
 def evaluate_rows(model: LAE, fs: FeatureSet, rows: np.ndarray, batch_size: int = 128,
                   label_smoothing: float = 0.0, progress: Callable | None = None) -> dict[str, Any]:
     """Forward over ``rows`` in batches; return loss, accuracy, predictions and logits.
 
-    ``progress(starts, batch_size)`` wraps the batch start offsets (a bar, see ``progress.py``)."""
+    ``progress(starts, batch_size)`` wraps the batch start offsets (a bar, see ``progress.py``). A FastLAE
+    reads ahead and reuses its buffers, in chunks of at most eval_chunk_rows rows (the bar counts chunks
+    as they are read, one ahead of the forward)."""
     from .layers import softmax_cross_entropy
 
     logits_all, loss_sum = [], 0.0
-    starts = range(0, len(rows), batch_size)
-    for begin in progress(starts, batch_size) if progress else starts:
-        pick = rows[begin:begin + batch_size]
-        x = read_finite(fs, pick, model.dtype)
+    step = eval_chunk_rows(model.cfg, batch_size) if isinstance(model, FastLAE) else batch_size
+    starts = range(0, len(rows), step)
+    starts = progress(starts, step) if progress else starts
+    if isinstance(model, FastLAE):
+        batches = read_batches(model, fs, (rows[b:b + step] for b in starts), _raise_nonfinite(fs))
+    else:
+        batches = ((rows[b:b + step], read_finite(fs, rows[b:b + step], model.dtype)) for b in starts)
+    for pick, x in batches:
         logits = model.forward(x, keep_cache=False)
         labels = fs.labels[pick]
         if np.all(labels >= 0):
@@ -142,11 +169,14 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * opts.epochs
         self.warmup_steps, self.warmup_warning = warmup_steps(opts.warmup_epochs, opts.warmup_fraction,
                                                               self.steps_per_epoch, self.total_steps)
-        self.model = LAE(cfg, init_params(cfg, opts.seed))
+        self.model = build_model(cfg, init_params(cfg, opts.seed))
         self.optimizer = AdamW(self.model.params, lr=opts.lr, weight_decay=opts.weight_decay)
         self._truncate_metrics = False
+        self._pending_metrics: list[str] = []  # step records of an --overwrite run's first epoch (progress.py)
         self.state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "best_val": None,
-                                      "loss_sum": 0.0, "correct": 0, "seen": 0, "elapsed": 0.0}
+                                      "loss_sum": 0.0, "correct": 0, "seen": 0, "elapsed": 0.0,
+                                      # Tags this run's metrics lines, so a resume never keeps another run's.
+                                      "run": secrets.token_hex(8)}
 
     # ---- checkpoints ----
 
@@ -172,6 +202,7 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         ckpt = load_checkpoint(path)
+        adaptor_config(ckpt, path)  # metadata and weights agree before any weight is copied in
         if not ckpt.resumable:
             raise FormatError(f"{path}: not a resumable checkpoint (no train_state)")
         if ckpt.feature_set.get("fingerprint") != self.train_set.fingerprint:
@@ -197,7 +228,7 @@ class Trainer:
         last = self.run_dir / LAST
         if resume and last.exists():
             self.resume(last)
-            _drop_metrics_after(self.run_dir / METRICS, self.state["epoch"])
+            _drop_metrics_after(self.run_dir / METRICS, self.state["epoch"], self.state.get("run"))
             self.log(f"resumed from {last} at epoch {self.state['epoch'] + 1}, step {self.state['step']}")
         elif resume:  # killed before the first checkpoint: nothing to resume, start clean
             _drop_metrics_after(self.run_dir / METRICS, 0)
@@ -209,16 +240,19 @@ class Trainer:
             # Old checkpoints stay until this run's first epoch replaces them; old metrics likewise.
             self._truncate_metrics = True
         opts, flops = self.opts, flops_per_image(self.cfg)
-        dtype = self.model.dtype
         while self.state["epoch"] < opts.epochs:
             epoch, start_batch = self.state["epoch"], self.state["batch"]
             order = self.train_rows[np.random.default_rng([opts.seed, epoch]).permutation(len(self.train_rows))]
             batches = range(start_batch, self.steps_per_epoch)
             t0 = time.perf_counter()
             images = 0
+            # The next batch is read and cast in a background thread while this one trains.
+            ahead = read_batches(self.model, self.train_set,
+                                 (order[b * opts.batch_size:(b + 1) * opts.batch_size] for b in batches),
+                                 _raise_nonfinite(self.train_set))
             for b in progress(batches, epoch) if progress else batches:
-                rows = order[b * opts.batch_size:(b + 1) * opts.batch_size]
-                x, y = read_finite(self.train_set, rows, dtype), self.train_set.labels[rows]
+                rows, x = next(ahead)
+                y = self.train_set.labels[rows]
                 with np.errstate(over="ignore", invalid="ignore"):  # non-finite results are caught just below
                     loss, grads, logits = loss_and_grads(self.model, x, y, opts.label_smoothing)
                 if not math.isfinite(loss):
@@ -237,6 +271,7 @@ class Trainer:
                     self.state["elapsed"] += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     save_checkpoint(last, self.checkpoint())
+            ahead.close()
             seconds = time.perf_counter() - t0
             self.state["elapsed"] += seconds
             record = self._end_epoch(epoch, lr, images / max(seconds, 1e-9), flops)
@@ -259,11 +294,26 @@ class Trainer:
         s.update(epoch=epoch + 1, batch=0, loss_sum=0.0, correct=0, seen=0)
         if improved:
             s["best_val"] = score
+        if s.get("run"):
+            record["run"] = s["run"]
         ckpt = self.checkpoint()
-        mode = "w" if self._truncate_metrics else "a"
-        self._truncate_metrics = False
-        with open(self.run_dir / METRICS, mode) as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        if self._truncate_metrics:
+            # --overwrite: the old run's metrics stay whole until this run's checkpoints have replaced the old
+            # ones, then one atomic rename swaps them; a kill in between leaves lines tagged with the old
+            # run, which a resume drops.
+            if improved:
+                save_checkpoint(self.run_dir / BEST, ckpt)
+            save_checkpoint(self.run_dir / LAST, ckpt)
+            atomic_write_bytes(self.run_dir / METRICS, ("".join(self._pending_metrics) + line).encode())
+            self._pending_metrics = []
+            self._truncate_metrics = False
+            return record
+        try:
+            with open(self.run_dir / METRICS, "a") as f:
+                f.write(line)
+        except OSError as e:  # a full disk fails in write() or close(), with no file name of its own
+            raise OSError(e.errno, e.strerror or str(e), str(self.run_dir / METRICS)) from None
         # best before last: a kill between the two leaves `last` at the previous epoch, so the resumed run
         # replays this epoch and writes `best` again; the other order would lose this epoch's best for good.
         if improved:
@@ -284,9 +334,10 @@ def _epoch_line(r: dict[str, Any], epochs: int) -> str:
     return line
 
 
-def _drop_metrics_after(path: Path, epoch: int) -> None:
+def _drop_metrics_after(path: Path, epoch: int, run: str | None = None) -> None:
     """A kill between the metrics line and the checkpoint leaves a line the resumed run will write again,
-    and a kill mid-line leaves half a line: keep only whole lines of epochs the checkpoint has finished."""
+    and a kill mid-line leaves half a line: keep only whole lines of epochs the checkpoint has finished,
+    and (when the checkpoint names its run) only lines of that run."""
     if not path.exists():
         return
     kept = []
@@ -295,6 +346,8 @@ def _drop_metrics_after(path: Path, epoch: int) -> None:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(record, dict) and record.get("epoch", 0) <= epoch:
+        if not isinstance(record, dict) or (run and record.get("run", run) != run):
+            continue
+        if record.get("epoch", 0) <= epoch:
             kept.append(line + "\n")
     atomic_write_bytes(path, "".join(kept).encode())

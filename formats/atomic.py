@@ -33,10 +33,24 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        _discard(tmp)
+        if e.filename and Path(e.filename) != tmp:
+            raise
+        # A full disk or a read-only directory: name the file the user asked for, not our temporary one
+        # (or none at all, as a failed write() does). The previous version of ``path`` is untouched.
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _discard(tmp: Path) -> None:
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:  # a read-only directory: there is nothing to clean up anyway
+        pass
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -126,4 +126,16 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise FormatError(f"{path}: checkpoint holds no weights")
     if not isinstance(fields["classes"], list) or not isinstance(fields["config"], dict):
         raise FormatError(f"{path}: checkpoint metadata 'classes' or 'config' has the wrong type")
+    classes = fields["classes"]
+    if not classes or not all(isinstance(c, str) for c in classes):
+        raise FormatError(f"{path}: checkpoint metadata 'classes' must be a non-empty list of strings")
+    if len(set(classes)) != len(classes):
+        raise FormatError(f"{path}: checkpoint metadata 'classes' names a class twice")
+    if not isinstance(fields["feature_set"], dict):
+        raise FormatError(f"{path}: checkpoint metadata 'feature_set' must be an object")
+    if fields["train_state"] is not None and not isinstance(fields["train_state"], dict):
+        raise FormatError(f"{path}: checkpoint metadata 'train_state' must be an object")
+    for name, value in tensors.items():
+        if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+            raise FormatError(f"{path}: tensor {name!r} holds NaN or infinite values")
     return Checkpoint(params=params, optimizer=optimizer, **fields)

@@ -11,7 +11,9 @@ Reading validates every shard header up front, then serves rows straight from th
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,18 @@ _STORAGE = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
+
+
+def set_identity(manifest: Manifest) -> str:
+    """Which set a shard belongs to: the backbone, the Gather* layout, the storage dtype and the exact images.
+
+    Written into every shard's metadata and checked on reading. Unlike the layout fingerprint it names only
+    fields whose meaning is fixed, so adding a manifest field in a later minor version does not change it.
+    """
+    m = manifest
+    body = [m.backbone.get("name"), m.backbone.get("weights_sha256"), m.groups, m.scale, m.tokens, m.dim, m.dtype,
+            m.split, m.dataset.get("hash")]
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -88,11 +102,11 @@ class FeatureSetWriter:
                 f"{where}: holds a partial set made with a different '{field}'; "
                 "pass --overwrite to start again"
             )
-        for shard in existing.shards:
+        for index, shard in enumerate(existing.shards):
             if shard.rows != self.shard_rows:
                 raise FormatError(f"{where}: partial set was written with {shard.rows} rows per shard, "
                                   f"not {self.shard_rows}; pass the same --shard-rows or --overwrite")
-            _check_shard(self.directory, shard, existing, verify=True)
+            _check_shard(self.directory, shard, existing, verify=True, index=index, start=index * self.shard_rows)
         listed = {s.file for s in existing.shards}
         for path in self.directory.glob("shard-*.safetensors*"):
             if path.name not in listed:  # written after the last manifest commit: not trusted, redo it
@@ -144,11 +158,15 @@ class FeatureSetWriter:
 
 
 def write_shard(directory: Path, index: int, manifest: Manifest, features: np.ndarray | dict[str, np.ndarray],
-                labels: np.ndarray, ids: np.ndarray) -> Shard:
+                labels: np.ndarray, ids: np.ndarray, row_start: int | None = None) -> Shard:
     """Commit one shard file atomically (its bytes depend only on the rows, ``index`` and the layout).
 
     ``features`` is a float (B, k, T, d) batch, encoded here in the manifest's dtype (int8/int4: quantised
     from fp32), or the tensors ``encode_features`` already made for it.
+
+    ``row_start`` (the global index of the shard's first row) is recorded when the caller knows it, i.e. when
+    the shard is also the ``index``-th entry of the manifest; a reader then checks both (see
+    ``_check_shard_metadata``). Distributed extraction, whose chunks may come out short or empty, passes None.
     """
     name = shard_name(index)
     stored = features if isinstance(features, dict) else encode_features(features, manifest.dtype)
@@ -159,7 +177,9 @@ def write_shard(directory: Path, index: int, manifest: Manifest, features: np.nd
         IDS: np.ascontiguousarray(ids, dtype=np.int64),
     }
     metadata = {"format": "mist-feature-shard", "set_layout": manifest.layout_fingerprint(),
-                "shard_index": str(index)}
+                "shard_index": str(index), "rows": str(len(ids)), "set_identity": set_identity(manifest)}
+    if row_start is not None:
+        metadata["row_start"] = str(row_start)
     path = Path(directory) / name
     # Not safetensors' save_file: its metadata order varies, so a resumed set would not match (see there).
     atomic_write(path, lambda tmp: write_safetensors(tmp, tensors, metadata))
@@ -189,9 +209,16 @@ class _ShardView:
     rows: int
     start: int  # global index of the shard's first row
     offsets: dict[str, int]  # file offset of each stored feature tensor (features, and scales if quantised)
+    stamp: tuple[int, int, int]  # (inode, size, mtime_ns) when the set was opened
 
 
-def _check_shard(directory: Path, shard: Shard, manifest: Manifest, verify: bool) -> Header:
+def _stamp(path: Path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _check_shard(directory: Path, shard: Shard, manifest: Manifest, verify: bool, index: int | None = None,
+                 start: int | None = None) -> Header:
     path = directory / shard.file
     header = read_header(path)
     n = shard.rows
@@ -199,6 +226,7 @@ def _check_shard(directory: Path, shard: Shard, manifest: Manifest, verify: bool
         expect_tensor(header, name, (storage,), shape)
     expect_tensor(header, LABELS, (np.dtype("<i8"),), (n,))
     expect_tensor(header, IDS, (np.dtype("<i8"),), (n,))
+    _check_shard_metadata(header, manifest, index, start)
     if verify and sha256_file(path) != shard.sha256:
         raise FormatError(f"{path}: checksum mismatch (the file is corrupt or was modified)")
     if is_quantised(manifest.dtype):
@@ -219,6 +247,28 @@ def _check_scales(header: Header) -> None:
                           f"token {token}); the shard is corrupt")
 
 
+def _check_shard_metadata(header: Header, manifest: Manifest, index: int | None, start: int | None) -> None:
+    """A shard says who it is (position, first row, set); each field present must agree with the manifest.
+
+    Shards written before these fields existed lack some of them; what is absent is not checked.
+    """
+    meta = header.metadata
+    # shard_index is checked against the index in the shard's own file name, not its manifest position: a
+    # distributed extraction leaves a gap in the file indices where a chunk came out empty. row_start is
+    # checked when a writer recorded it (the shard bytes of one process and of torchrun must match, and
+    # torchrun cannot know it, so today's writers do not).
+    named = re.fullmatch(r"shard-(\d+)\.safetensors", header.path.name)
+    expected = {"shard_index": int(named.group(1)) if named else None, "row_start": start}
+    for key, want in expected.items():
+        if want is None or key not in meta:
+            continue
+        if meta[key] != str(want):
+            raise FormatError(f"{header.path}: shard metadata says {key} {meta[key]!r}, where the set expects "
+                              f"{want} (shards renamed, reordered or copied from another set?)")
+    if "set_identity" in meta and meta["set_identity"] != set_identity(manifest):
+        raise FormatError(f"{header.path}: shard belongs to another feature set than {MANIFEST_NAME} describes")
+
+
 class FeatureSet:
     """A validated, read-only feature set. Rows are (k, T, d) maps; labels are -1 where unknown."""
 
@@ -235,8 +285,8 @@ class FeatureSet:
         self._shards: list[_ShardView] = []
         labels, ids = [], []
         start = 0
-        for shard in self.manifest.shards:
-            header = _check_shard(self.directory, shard, self.manifest, verify)
+        for index, shard in enumerate(self.manifest.shards):
+            header = _check_shard(self.directory, shard, self.manifest, verify, index=index, start=start)
             shard_labels = self._read_small(header, LABELS)
             bad = (shard_labels < -1) | (shard_labels >= len(self.manifest.classes))
             if bad.any():
@@ -246,10 +296,14 @@ class FeatureSet:
             ids.append(self._read_small(header, IDS))
             offsets = {name: header.tensors[name].offset
                        for name in stored_shapes(self.manifest.dtype, 0, self.row_shape)}
-            self._shards.append(_ShardView(header.path, shard.rows, start, offsets))
+            self._shards.append(_ShardView(header.path, shard.rows, start, offsets, _stamp(header.path)))
             start += shard.rows
         self.labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
         self.ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        unique_ids, counts = np.unique(self.ids, return_counts=True)
+        if len(unique_ids) != len(self.ids):
+            raise FormatError(f"{self.directory}: source id {int(unique_ids[counts > 1][0])} appears in more than "
+                              "one row (a row stored twice would be trained on twice)")
         self._starts = np.array([s.start for s in self._shards], dtype=np.int64)
         # The narrowest dtype read() returns without loss: the storage dtype of a float set, fp32 when quantised.
         self._storage = _STORAGE.get(self.manifest.dtype, np.dtype("<f4"))
@@ -261,7 +315,10 @@ class FeatureSet:
         entry = header.tensors[name]
         with open(header.path, "rb") as f:
             f.seek(entry.offset)
-            return np.frombuffer(f.read(entry.nbytes), dtype=entry.dtype).astype(np.int64)
+            raw = f.read(entry.nbytes)
+        if len(raw) != entry.nbytes:
+            raise FormatError(f"{header.path}: truncated while it was being read")
+        return np.frombuffer(raw, dtype=entry.dtype).astype(np.int64)
 
     def __len__(self) -> int:
         return self.manifest.rows
@@ -269,6 +326,11 @@ class FeatureSet:
     @property
     def row_shape(self) -> tuple[int, int, int]:
         return self.manifest.row_shape
+
+    @property
+    def read_dtype(self) -> np.dtype:
+        """The narrowest dtype ``read`` returns without loss: float16 for a float16 set, float32 when quantised."""
+        return self._storage
 
     @property
     def num_classes(self) -> int:
@@ -282,8 +344,29 @@ class FeatureSet:
 
     def verify(self) -> None:
         """Recompute every shard's sha256 against the manifest."""
-        for shard in self.manifest.shards:
-            _check_shard(self.directory, shard, self.manifest, verify=True)
+        start = 0
+        for index, shard in enumerate(self.manifest.shards):
+            _check_shard(self.directory, shard, self.manifest, verify=True, index=index, start=start)
+            start += shard.rows
+
+    def check_values(self, chunk_rows: int = 256) -> dict[str, int]:
+        """Read every feature (``chunk_rows`` at a time) and refuse NaN or inf, naming the first bad row.
+
+        Returns row counts: ``rows``, ``labelled``, ``unlabelled`` and ``classes_present``.
+        """
+        for begin in range(0, len(self), chunk_rows):
+            rows = np.arange(begin, min(begin + chunk_rows, len(self)))
+            x = self.read(rows, dtype=self._storage)
+            finite = np.isfinite(x).reshape(len(rows), -1).all(axis=1)
+            if not finite.all():
+                bad = int(rows[~finite][0])
+                shard = self._shards[int(np.searchsorted(self._starts, bad, side="right") - 1)]
+                raise FormatError(f"{shard.path}: row {bad - shard.start} (source id {int(self.ids[bad])}) holds "
+                                  f"NaN or infinite features; {int((~finite).sum())} such rows in rows "
+                                  f"{begin}-{rows[-1]}")
+        labelled = self.labels >= 0
+        return {"rows": len(self), "labelled": int(labelled.sum()), "unlabelled": int((~labelled).sum()),
+                "classes_present": len(np.unique(self.labels[labelled]))}
 
     def read(self, rows: np.ndarray, dtype: np.dtype = np.float32, out: np.ndarray | None = None) -> np.ndarray:
         """Features for the given global row indices, in the given order, as (len(rows), k, T, d).
@@ -312,8 +395,7 @@ class FeatureSet:
             # file front to back.
             order = np.argsort(local, kind="stable")
             for name, target in stored.items():
-                mm = np.memmap(view.path, dtype=self._stored[name], mode="r", offset=view.offsets[name],
-                               shape=(view.rows, *self._stored_shape(name)))
+                mm = self._map(view, name)
                 target[pick[order]] = mm[local[order]]
                 del mm
         if quantised:
@@ -326,6 +408,21 @@ class FeatureSet:
     def _stored_shape(self, name: str) -> tuple[int, ...]:
         """The per-row shape of a stored tensor: (k, T, d) codes, (k, T) scales, or (bytes,) packed int4."""
         return stored_shapes(self.manifest.dtype, 1, self.row_shape)[name][1][1:]
+
+    def _map(self, view: _ShardView, name: str) -> np.memmap:
+        """Map one stored tensor of a shard, refusing a file that was truncated, replaced or removed since
+        opening: its rows would no longer be the ones the manifest and the checksum vouched for."""
+        try:
+            changed = _stamp(view.path) != view.stamp
+            if not changed:
+                return np.memmap(view.path, dtype=self._stored[name], mode="r", offset=view.offsets[name],
+                                 shape=(view.rows, *self._stored_shape(name)))
+        except FileNotFoundError:
+            raise FormatError(f"{view.path}: removed while it was being read; restore the set and rerun") from None
+        except (OSError, ValueError) as e:  # ValueError: mmap length is greater than the file (truncated)
+            raise FormatError(f"{view.path}: unreadable while it was being read ({e})") from None
+        raise FormatError(f"{view.path}: changed while it was being read (truncated, replaced or rewritten); "
+                          "restore the set and rerun")
 
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0,
                 start_batch: int = 0, dtype: np.dtype = np.float32,

@@ -236,6 +236,12 @@ def _parse(obj: Any, source: str) -> Manifest:
         if len(digest) != 64:
             raise s.fail("sha256", "must be a 64-character hex digest")
         shards.append(Shard(file=name, rows=s.positive_int("rows", minimum=0), sha256=digest))
+    seen: set[str] = set()
+    for i, shard in enumerate(shards):
+        if shard.file in seen:
+            raise FormatError(f"{source}: field 'shards[{i}].file' lists {shard.file!r} a second time "
+                              "(its rows would be read twice)")
+        seen.add(shard.file)
     rows = top.positive_int("rows", minimum=0)
     if rows != sum(s.rows for s in shards):
         raise top.fail("rows", f"is {rows} but the shards hold {sum(s.rows for s in shards)}")

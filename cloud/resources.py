@@ -1,0 +1,86 @@
+"""Bound what one extraction may allocate, so a bad size is an error line instead of the kernel's OOM killer.
+
+Two guards:
+
+- ``address_space_limit`` wraps the one-image probe forward (and model construction): an ``--img-size`` or
+  ``--model-kwargs`` that would need more than the allowed memory makes torch's allocator fail at once,
+  which is turned into a ``CloudError``, instead of the process swelling until it is killed.
+- ``extraction_bytes`` estimates a whole run from the probed layer shapes (a batch of inputs, every layer's
+  activations, the Gather* sums, the shard buffer), to be refused before the first batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+from .errors import CloudError
+
+try:  # POSIX only; elsewhere the guard is a no-op
+    import resource
+except ImportError:  # pragma: no cover
+    resource = None
+
+# Python, torch's libraries, thread stacks and allocator arenas reserve address space they never touch.
+_ADDRESS_SLACK = 4 * 1024**3
+
+
+def _address_space_now() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+@contextlib.contextmanager
+def address_space_limit(extra_bytes: int | None, what: str) -> Iterator[None]:
+    """Let the process grow by at most ``extra_bytes`` (plus slack) inside the block; refuse beyond."""
+    now = _address_space_now()
+    if resource is None or extra_bytes is None or now is None:
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = now + extra_bytes + _ADDRESS_SLACK
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    if soft != resource.RLIM_INFINITY:
+        limit = min(limit, soft)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        text = str(e)
+        if isinstance(e, RuntimeError) and "alloc" not in text.lower() and "memory" not in text.lower():
+            raise
+        raise CloudError(f"{what} needs more memory than allowed ({_gib(extra_bytes)} GiB: --max-memory, or "
+                         "what this machine has available); lower --img-size, --model-kwargs or raise "
+                         "--max-memory") from None
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:.1f}"
+
+
+def extraction_bytes(batch: int, workers: int, input_size: Sequence[int], layer_shapes: Sequence[tuple[int, int]],
+                     k: int, tokens: int, dim: int, buffer_rows: int, storage_bytes: int, param_bytes: int) -> int:
+    """An estimate of an extraction's peak memory, from sizes alone.
+
+    Per image: the input tensor (decoded and transformed, twice), every layer's output kept while the next
+    is computed (x4 for attention and MLP temporaries), and the k fp32 group sums. Prefetching workers hold
+    two batches of inputs each. The writer holds up to a shard and a batch of rows, twice while it
+    concatenates them.
+    """
+    channels, height, width = (int(v) for v in input_size)
+    image = 4 * channels * height * width
+    activations = 4 * 4 * sum(t * d for t, d in layer_shapes)
+    sums = 4 * k * tokens * dim
+    per_batch = batch * (2 * image + activations + sums)
+    prefetch = 2 * max(workers, 0) * batch * 2 * image
+    buffer = 2 * buffer_rows * k * tokens * dim * storage_bytes
+    return param_bytes + per_batch + prefetch + buffer

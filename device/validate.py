@@ -1,0 +1,142 @@
+"""Flag checks shared by ``mist-device`` and ``mist-cloud``: finite numbers in range, seeds, memory bounds.
+
+Everything a command will compute from a flag is checked when click parses it, before any file is opened
+or any array allocated, so a bad value costs nothing and gets one line naming the flag. Pure Python plus
+click (no NumPy): ``--threads`` must still be able to set the BLAS thread count before NumPy loads.
+
+Use it like this::
+
+    @click.option("--lr", type=finite_float(0, min_open=True), default=1e-3)
+    @click.option("--seed", type=SEED, default=0)
+    @memory_option
+    def train(...):
+        require_memory(estimate_in_bytes, "training with --batch-size 32")
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+
+import click
+
+# numpy.random.default_rng takes any non-negative integer, torch.manual_seed one below 2**64: the common
+# ground is the signed 64-bit range without its negative half.
+SEED = click.IntRange(0, 2**63 - 1)
+
+
+class FiniteFloat(click.FloatRange):
+    """A float range that also refuses ``nan``, ``inf`` and ``-inf``.
+
+    click's FloatRange lets ``nan`` through (every comparison with nan is false), and then a schedule or a
+    cast to int deep inside training fails with a traceback.
+    """
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+def finite_float(minimum: float | None = None, maximum: float | None = None, min_open: bool = False,
+                 max_open: bool = False) -> FiniteFloat:
+    """``type=`` for a float flag: finite, and inside [minimum, maximum] (open ends when asked)."""
+    return FiniteFloat(minimum, maximum, min_open=min_open, max_open=max_open)
+
+
+# ---- memory -----------------------------------------------------------------------------------------------
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+          "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
+
+
+def parse_bytes(text: str) -> int:
+    """``"8G"``, ``"512MiB"``, ``"1.5gb"`` or ``"1000000"`` -> bytes. Raises ValueError on anything else."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"{text!r} is not a size (e.g. 512M, 8G, 1.5GiB)")
+    number = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if not math.isfinite(number) or number < 1:
+        raise ValueError(f"{text!r} must be a finite size of at least one byte")
+    return int(number)
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+class MemorySize(click.ParamType):
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_bytes(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+def available_memory() -> int | None:
+    """Bytes this machine can still give a process: MemAvailable on Linux, else physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+_MEMORY_KEY = "mist.max_memory"
+
+
+def _store_memory(ctx: click.Context, _param: click.Parameter, value: int | None) -> None:
+    ctx.meta[_MEMORY_KEY] = value
+
+
+memory_option = click.option(
+    "--max-memory", type=MemorySize(), default=None, callback=_store_memory, expose_value=False,
+    help="Refuse a configuration whose estimated memory exceeds this (e.g. 2G, 512MiB). "
+         "Default: the memory this machine has available now.")
+
+
+def memory_limit(max_memory: int | None = None) -> tuple[int | None, str]:
+    """(bytes, where that figure comes from): ``max_memory``, else --max-memory of the running command,
+    else what the machine has available now (None when even that is unknown)."""
+    if max_memory is None:
+        ctx = click.get_current_context(silent=True)
+        max_memory = ctx.meta.get(_MEMORY_KEY) if ctx is not None else None
+    if max_memory is not None:
+        return max_memory, "--max-memory"
+    return available_memory(), "the memory available on this machine"
+
+
+def memory_problem(estimate: int, what: str, max_memory: int | None = None) -> str | None:
+    """The one-line refusal when ``estimate`` bytes exceed the limit of ``memory_limit``, else None."""
+    limit, source = memory_limit(max_memory)
+    if limit is not None and estimate > limit:
+        return (f"{what} needs about {format_bytes(estimate)}, more than {source} ({format_bytes(limit)}); "
+                "lower the sizes or raise --max-memory")
+    return None
+
+
+def require_memory(estimate: int, what: str) -> None:
+    """Refuse ``what`` with a usage error when ``estimate`` bytes exceed --max-memory (or the available memory).
+
+    Call it inside a command that carries ``@memory_option``, before the big allocation.
+    """
+    problem = memory_problem(estimate, what)
+    if problem:
+        raise click.UsageError(problem)

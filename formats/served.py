@@ -1,0 +1,86 @@
+"""Features over HTTP: the bytes ``mist-cloud serve`` answers and ``mist-device predict --server`` reads.
+
+A response body is a safetensors file shaped like a feature-set shard: ``features`` (n, k, T, d) in the
+served layout's storage dtype, ``labels`` (n,) all -1 (the server knows no labels), and ``ids`` (n,), the
+position of each image in the request. Its metadata and the ``X-Mist-Layout`` response header carry the
+layout fingerprint of the served layout (``GET /v1/layout``), so a client that checked the layout once can
+tell when a server behind the same URL changed.
+
+Encoding and decoding are one function each, so a new storage dtype changes them and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load, save
+
+from .errors import FormatError
+from .feature_set import FEATURES, IDS, LABELS
+from .manifest import Manifest
+
+SHARD_FORMAT = "mist-feature-shard"
+LAYOUT_HEADER = "X-Mist-Layout"
+MEDIA_TYPE = "application/vnd.mist.features+safetensors"
+SERVED_SPLIT = "serve"  # the split and dataset of a served layout: it describes no stored images
+_STORAGE = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
+
+
+def served_layout(manifest: Manifest) -> Manifest:
+    """The layout a server answers with: the backbone, groups, tokens and data config of ``manifest``,
+    no classes, no dataset and no shards."""
+    return Manifest(
+        backbone=dict(manifest.backbone), groups=[list(g) for g in manifest.groups], scale=manifest.scale,
+        tokens=manifest.tokens, prefix_tokens=manifest.prefix_tokens, grid=manifest.grid, dim=manifest.dim,
+        pool=manifest.pool, dtype=manifest.dtype, data_config=dict(manifest.data_config), classes=[],
+        split=SERVED_SPLIT, dataset={"source": SERVED_SPLIT}, layer_names=list(manifest.layer_names),
+    )
+
+
+def encode_features(features: np.ndarray, layout: Manifest) -> bytes:
+    """(n, k, T, d) sums -> the safetensors bytes of one response, in ``layout``'s storage dtype."""
+    n = len(features)
+    if features.shape[1:] != layout.row_shape:
+        raise ValueError(f"features of shape {features.shape[1:]} do not fit the layout's {layout.row_shape}")
+    tensors = {
+        # safetensors writes a non-contiguous array's bytes wrongly, without a warning.
+        FEATURES: np.ascontiguousarray(features, dtype=_STORAGE[layout.dtype]),
+        LABELS: np.full(n, -1, dtype="<i8"),
+        IDS: np.arange(n, dtype="<i8"),
+    }
+    metadata = {"format": SHARD_FORMAT, "set_layout": layout.layout_fingerprint(), "shard_index": "0"}
+    return save(tensors, metadata=metadata)
+
+
+def decode_features(body: bytes, layout: Manifest, images: int, source: str) -> np.ndarray:
+    """A response body -> (images, k, T, d) float32 features, refusing anything that does not fit ``layout``.
+
+    ``source`` names the server in the one-line error.
+    """
+    try:
+        (header_len,) = struct.unpack("<Q", body[:8])
+        header = json.loads(body[8:8 + header_len].decode("utf-8"))
+        metadata = header.get("__metadata__") or {}
+        tensors = load(body)
+    except (struct.error, ValueError, UnicodeDecodeError, AttributeError, SafetensorError, RecursionError):
+        raise FormatError(f"{source}: the response is not a safetensors feature shard") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != SHARD_FORMAT:
+        raise FormatError(f"{source}: the response is not a mist feature shard")
+    if metadata.get("set_layout") != layout.layout_fingerprint():
+        raise FormatError(f"{source}: the response's layout fingerprint {str(metadata.get('set_layout'))[:12]} "
+                          f"is not the layout the server announced ({layout.layout_fingerprint()[:12]})")
+    features = tensors.get(FEATURES)
+    want = (images, *layout.row_shape)
+    if features is None or features.dtype != _STORAGE[layout.dtype] or features.shape != want:
+        got = "none" if features is None else f"{features.dtype} {features.shape}"
+        raise FormatError(f"{source}: response features are {got}, expected {layout.dtype} {want}")
+    ids = tensors.get(IDS)
+    if ids is None or not np.array_equal(ids, np.arange(images)):
+        raise FormatError(f"{source}: response ids are not the request's images in order")
+    out = features.astype(np.float32)
+    if not np.all(np.isfinite(out)):
+        raise FormatError(f"{source}: the response holds non-finite features")
+    return out

@@ -1,0 +1,58 @@
+"""The bytes of a served answer: a feature shard that round-trips, and one-line refusals of anything else."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mist.formats import FormatError, Manifest
+from mist.formats.served import decode_features, encode_features, served_layout
+
+LAYOUT = served_layout(Manifest(
+    backbone={"name": "test_vit", "weights_sha256": "a" * 64, "weights_source": "file:w.safetensors"},
+    groups=[[0, 1, 2]], scale="mean", tokens=5, prefix_tokens=1, grid=[2, 2], dim=8, dtype="float16",
+    data_config={"input_size": [3, 64, 64]}, classes=["a", "b"], split="train", dataset={"hash": "x"}))
+
+
+def features(n: int) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((n, *LAYOUT.row_shape)).astype(np.float32)
+
+
+def test_round_trip_in_the_storage_dtype():
+    x = features(3)
+    body = encode_features(x, LAYOUT)
+    got = decode_features(body, LAYOUT, 3, "srv")
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, x.astype(np.float16).astype(np.float32))
+    wide = served_layout(Manifest(**{**LAYOUT.__dict__, "dtype": "float32"}))
+    np.testing.assert_array_equal(decode_features(encode_features(x, wide), wide, 3, "srv"), x)
+
+
+def test_the_served_layout_carries_no_classes_or_dataset():
+    assert LAYOUT.classes == [] and LAYOUT.dataset == {"source": "serve"} and LAYOUT.split == "serve"
+    assert Manifest.from_json(LAYOUT.to_json()).layout_fingerprint() == LAYOUT.layout_fingerprint()
+
+
+@pytest.mark.parametrize("mangle, message", [
+    (lambda body: body[:-10], "not a safetensors feature shard"),
+    (lambda body: b"garbage", "not a safetensors feature shard"),
+    (lambda body: b"", "not a safetensors feature shard"),
+])
+def test_damaged_bodies_are_refused(mangle, message):
+    with pytest.raises(FormatError, match=message):
+        decode_features(mangle(encode_features(features(2), LAYOUT)), LAYOUT, 2, "srv")
+
+
+def test_another_layout_or_count_is_refused():
+    body = encode_features(features(2), LAYOUT)
+    other = served_layout(Manifest(**{**LAYOUT.__dict__, "scale": "none"}))
+    with pytest.raises(FormatError, match="layout fingerprint"):
+        decode_features(body, other, 2, "srv")
+    with pytest.raises(FormatError, match=r"expected float16 \(3, 1, 5, 8\)"):
+        decode_features(body, LAYOUT, 3, "srv")
+    with pytest.raises(ValueError, match="do not fit"):
+        encode_features(np.zeros((1, 1, 4, 8), np.float32), LAYOUT)
+    nan = features(1)
+    nan[0, 0, 0, 0] = np.nan
+    with pytest.raises(FormatError, match="non-finite"):
+        decode_features(encode_features(nan, LAYOUT), LAYOUT, 1, "srv")
