@@ -1,5 +1,6 @@
 """Read-ahead: while the model works on one batch, a background thread reads the next one from the shards
-(the memory-mapped copy, page faults and all) into a staging buffer in the storage dtype (fp16; fp32 for an int8/int4 set, decoded as it is read).
+(the memory-mapped copy, page faults and all) into a staging buffer in the storage dtype (fp16; fp32 for an
+int8/int4 set, decoded as it is read).
 
 At the start of a step the staged rows are cast to fp32 with their per-token statistics (FastLAE.fill, on
 the thread pool) into the one float32 buffer, and the staging buffer is handed back to the reader at once.
