@@ -287,7 +287,8 @@ def push(feature_set: str, destination: str, endpoint_url: str | None, part_size
 @click.option("--crop-mode", type=click.Choice(["center", "squash", "border"]), default=None, help="As for extract.")
 @click.option("--interpolation", type=click.Choice(["bilinear", "bicubic", "nearest"]), default=None,
               help="As for extract.")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", help="Dtype of the answers.")
+@click.option("--dtype", type=click.Choice(["float16", "float32", "int8", "int4"]), default="float16",
+              help="Dtype of the answers; int8/int4 are quantised per token as extract --dtype does.")
 @click.option("--seed", type=int, default=0, help="Seeds --random-init.")
 @click.option("--img-size", type=int, default=None, help="Input size override (default: the model's).")
 @_MODEL_KWARGS

@@ -137,7 +137,7 @@ def extract(cfg: ExtractConfig, log: Log = print) -> ExtractResult:
             num_workers=cfg.workers, collate_fn=collate, shuffle=False, pin_memory=device.type == "cuda")
         with GroupTap(model, layers, groups) as tap, torch.inference_mode():
             for images, labels, row_ids in _rebatch(loader, cfg.batch_size, skips, progress):
-                sums = frozen.gather(tap, images, cfg.scale, _sum_dtype(cfg.dtype))
+                sums = frozen.gather(tap, images, cfg.scale, sum_dtype(cfg.dtype))
                 progress.update(len(row_ids))
                 yield sums.numpy(), labels.numpy(), row_ids.numpy()
 
@@ -278,7 +278,7 @@ def _data_overrides(cfg: ExtractConfig) -> dict:
     return {key: value for key, value in overrides.items() if value is not None}
 
 
-def _sum_dtype(storage: str) -> str:
+def sum_dtype(storage: str) -> str:
     """The dtype the writer receives: the storage dtype for floats, the fp32 sums for a quantised set."""
     return storage if storage in DTYPES else "float32"
 

@@ -209,6 +209,7 @@ def build_app(frozen: FrozenBackbone, cfg: ServeConfig, log: Log = print):
     from starlette.routing import Route
 
     from .backbones import make_transform
+    from .extract import sum_dtype
     from .taps import GroupTap
 
     layout = served_layout(frozen.manifest(cfg.scale, cfg.dtype, classes=[], split="serve", dataset={}))
@@ -220,7 +221,7 @@ def build_app(frozen: FrozenBackbone, cfg: ServeConfig, log: Log = print):
 
     def forward(images: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
-            return frozen.gather(tap, images, cfg.scale, cfg.dtype).numpy()
+            return frozen.gather(tap, images, cfg.scale, sum_dtype(cfg.dtype)).numpy()
 
     batcher = Batcher(forward, cfg.max_batch, cfg.max_wait_ms / 1000, cfg.max_queue)
     decoder = ThreadPoolExecutor(max_workers=cfg.decode_threads, thread_name_prefix="mist-decode")

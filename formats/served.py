@@ -1,10 +1,11 @@
 """Features over HTTP: the bytes ``mist-cloud serve`` answers and ``mist-device predict --server`` reads.
 
 A response body is a safetensors file shaped like a feature-set shard: ``features`` (n, k, T, d) in the
-served layout's storage dtype, ``labels`` (n,) all -1 (the server knows no labels), and ``ids`` (n,), the
-position of each image in the request. Its metadata and the ``X-Mist-Layout`` response header carry the
-layout fingerprint of the served layout (``GET /v1/layout``), so a client that checked the layout once can
-tell when a server behind the same URL changed.
+served layout's storage dtype (int8/int4: the codes with their ``scales``, exactly as a shard stores them),
+``labels`` (n,) all -1 (the server knows no labels), and ``ids`` (n,), the position of each image in the
+request. Its metadata and the ``X-Mist-Layout`` response header carry the layout fingerprint of the served
+layout (``GET /v1/layout``), so a client that checked the layout once can tell when a server behind the same
+URL changed.
 
 Encoding and decoding are one function each, so a new storage dtype changes them and nothing else.
 """
@@ -19,14 +20,16 @@ from safetensors import SafetensorError
 from safetensors.numpy import load, save
 
 from .errors import FormatError
-from .feature_set import FEATURES, IDS, LABELS
+from .feature_set import IDS, LABELS
 from .manifest import Manifest
+from .quant import SCALES, bad_scale, is_quantised, stored_shapes
+from .quant import decode_features as decode_stored
+from .quant import encode_features as encode_stored
 
 SHARD_FORMAT = "mist-feature-shard"
 LAYOUT_HEADER = "X-Mist-Layout"
 MEDIA_TYPE = "application/vnd.mist.features+safetensors"
 SERVED_SPLIT = "serve"  # the split and dataset of a served layout: it describes no stored images
-_STORAGE = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 
 
 def served_layout(manifest: Manifest) -> Manifest:
@@ -45,9 +48,11 @@ def encode_features(features: np.ndarray, layout: Manifest) -> bytes:
     n = len(features)
     if features.shape[1:] != layout.row_shape:
         raise ValueError(f"features of shape {features.shape[1:]} do not fit the layout's {layout.row_shape}")
+    if is_quantised(layout.dtype):
+        features = np.asarray(features, dtype=np.float32)  # quantised from the fp32 sums, as extract does
     tensors = {
-        # safetensors writes a non-contiguous array's bytes wrongly, without a warning.
-        FEATURES: np.ascontiguousarray(features, dtype=_STORAGE[layout.dtype]),
+        # safetensors writes a non-contiguous array's bytes wrongly, without a warning (encode_stored copies).
+        **encode_stored(features, layout.dtype),
         LABELS: np.full(n, -1, dtype="<i8"),
         IDS: np.arange(n, dtype="<i8"),
     }
@@ -72,15 +77,21 @@ def decode_features(body: bytes, layout: Manifest, images: int, source: str) -> 
     if metadata.get("set_layout") != layout.layout_fingerprint():
         raise FormatError(f"{source}: the response's layout fingerprint {str(metadata.get('set_layout'))[:12]} "
                           f"is not the layout the server announced ({layout.layout_fingerprint()[:12]})")
-    features = tensors.get(FEATURES)
-    want = (images, *layout.row_shape)
-    if features is None or features.dtype != _STORAGE[layout.dtype] or features.shape != want:
-        got = "none" if features is None else f"{features.dtype} {features.shape}"
-        raise FormatError(f"{source}: response features are {got}, expected {layout.dtype} {want}")
+    for name, (dtype, shape) in stored_shapes(layout.dtype, images, layout.row_shape).items():
+        got = tensors.get(name)
+        if got is None or got.dtype != dtype or got.shape != shape:
+            found = "none" if got is None else f"{got.dtype} {got.shape}"
+            raise FormatError(f"{source}: response tensor '{name}' is {found}, expected {dtype} {shape} "
+                              f"({layout.dtype})")
+    if is_quantised(layout.dtype):
+        bad = bad_scale(tensors[SCALES])
+        if bad is not None:
+            raise FormatError(f"{source}: the response holds a {bad[1]} scale (image {bad[0][0]})")
     ids = tensors.get(IDS)
     if ids is None or not np.array_equal(ids, np.arange(images)):
         raise FormatError(f"{source}: response ids are not the request's images in order")
-    out = features.astype(np.float32)
+    stored = {name: tensors[name] for name in stored_shapes(layout.dtype, images, layout.row_shape)}
+    out = decode_stored(stored, layout.dtype, layout.row_shape)
     if not np.all(np.isfinite(out)):
         raise FormatError(f"{source}: the response holds non-finite features")
     return out

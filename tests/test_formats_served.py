@@ -56,3 +56,25 @@ def test_another_layout_or_count_is_refused():
     nan[0, 0, 0, 0] = np.nan
     with pytest.raises(FormatError, match="non-finite"):
         decode_features(encode_features(nan, LAYOUT), LAYOUT, 1, "srv")
+
+
+@pytest.mark.parametrize("dtype, bound", [("int8", 0.5 / 127), ("int4", 0.5 / 7)])
+def test_quantised_answers_round_trip_within_half_a_step(dtype, bound):
+    layout = served_layout(Manifest(**{**LAYOUT.__dict__, "dtype": dtype}))
+    x = features(3)
+    got = decode_features(encode_features(x, layout), layout, 3, "srv")
+    absmax = np.abs(x).max(axis=-1, keepdims=True)
+    # per token: |x - x_hat| <= scale / 2, and the fp16 scale is at most one fp16 step above absmax / qmax
+    assert np.all(np.abs(got - x) <= bound * absmax * (1 + 2**-9) + 1e-7)
+
+
+def test_a_quantised_answer_with_a_bad_scale_is_refused():
+    from safetensors.numpy import load, save
+
+    layout = served_layout(Manifest(**{**LAYOUT.__dict__, "dtype": "int8"}))
+    tensors = load(encode_features(features(2), layout))
+    tensors["scales"][1, 0, 2] = 0
+    body = save(tensors, metadata={"format": "mist-feature-shard", "set_layout": layout.layout_fingerprint(),
+                                   "shard_index": "0"})
+    with pytest.raises(FormatError, match="zero scale|scale"):
+        decode_features(body, layout, 2, "srv")

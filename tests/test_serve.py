@@ -383,3 +383,26 @@ def test_predict_server_loads_no_torch_and_no_server_stack(vit):
                             env=env(MIST_SERVE_TOKEN=TOKEN), timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout)[0]["image"] == str(vit["images"][0])
+
+
+def test_an_int8_server_answers_quantised_sums_the_adaptor_reads(vit):
+    """`serve --dtype int8`: the codes and per-token scales of the sums cross the wire (about half the
+    float16 bytes), and an adaptor trained on float16 features classifies them as it does the float16 ones."""
+    from mist.device.remote import RemoteBackbone
+    from mist.formats import FeatureSet
+
+    images = vit["images"]
+    server = Server(vit["root"] / "serve-int8.log", *VIT_ARGS, "--dtype", "int8")
+    try:
+        served = RemoteBackbone(server.url, TOKEN).features([(str(p), p.read_bytes()) for p in images[:8]])
+        remote = json.loads(cli("mist.device", "predict", str(vit["ckpt"]), "--server", server.url,
+                                *map(str, images), "--json", MIST_SERVE_TOKEN=TOKEN).stdout)
+    finally:
+        server.stop()
+    extracted = FeatureSet(vit["set"]).read(np.arange(8))
+    # per token, int8 rounding moves a value by at most half a step of absmax/127, on top of float16's error
+    step = np.abs(extracted).max(axis=-1, keepdims=True) / 127
+    assert np.all(np.abs(served - extracted) <= 0.5 * step * (1 + 2**-9) + RTOL * np.abs(extracted) + ATOL)
+    local = json.loads(cli("mist.device", "predict", str(vit["ckpt"]), str(vit["set"]), "--format", "json").stdout)
+    agree = np.mean([a["prediction"] == b["prediction"] for a, b in zip(remote, local)])
+    assert agree >= 0.9, agree
