@@ -15,7 +15,7 @@ from typing import Any
 TMP_SUFFIX = ".tmp"
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     # The rename itself lives in the directory entry; without this a power cut can undo it.
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -43,7 +43,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     except BaseException:
         _discard(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _discard(tmp: Path) -> None:

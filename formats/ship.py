@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import TMP_SUFFIX, atomic_write_bytes
+from .atomic import TMP_SUFFIX, atomic_write_bytes, fsync_dir
 from .errors import FormatError
 from .manifest import MANIFEST_NAME, Manifest
 
@@ -146,7 +146,7 @@ class LocalStore:
                 os.fsync(f.fileno())
             check()
             os.replace(tmp, path)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except OSError as e:
             _unlink_quietly(tmp)
             raise ShipError(f"{e.filename or tmp}: {e.strerror or e} (writing {name})") from None
@@ -163,7 +163,7 @@ class LocalStore:
     def delete(self, name: str) -> None:
         try:
             (self.root / name).unlink(missing_ok=True)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except OSError as e:
             raise ShipError(f"{self.root / name}: {e.strerror or e}") from None
 
@@ -181,14 +181,6 @@ class LocalStore:
         if largest > FAT32_MAX_FILE and _filesystem_type(probe) in ("vfat", "msdos"):
             raise ShipError(f"{self.root}: is on FAT32, whose files stop at 4 GiB, and a shard holds "
                             f"{_human(largest)}; re-extract with smaller --shard-rows or use exFAT")
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unlink_quietly(path: Path) -> None:
