@@ -18,6 +18,12 @@ Each run is tested with `mist-device evaluate` on its final checkpoint (last.saf
 made on the test set. Runs go through the real CLIs, in subprocesses with one BLAS thread.
 
     nice -n 10 .venv/bin/python benchmarks/quant_study.py --work runs/quant_study --jobs 3
+
+With ``--structured DIR`` it runs the same device models on the structured tasks that
+``python -m benchmarks.structured_study all`` extracted under DIR (count, location, orientation, natural; their
+stored float16 sets, so int8 and int4 are quantised from the float16 sums there, not from fp32):
+
+    nice -n 10 .venv/bin/python benchmarks/quant_study.py --structured runs/structured --jobs 2
 """
 
 from __future__ import annotations
@@ -99,6 +105,57 @@ def linear_probe(work: Path) -> dict:
     return out
 
 
+def summarise(runs: list[dict]) -> dict:
+    """Mean, std and agreement with float16 of each (dtype, model), over the seeds."""
+    import numpy as np
+
+    out = {}
+    for dtype in DTYPES:
+        for model in ("probe", "adaptor"):
+            mine = [r for r in runs if r["dtype"] == dtype and r["model"] == model]
+            accs = [r["accuracy"] for r in mine]
+            same = [np.mean(np.array(r["predictions"]) == np.array(f["predictions"])) for r in mine
+                    for f in runs if f["dtype"] == "float16" and f["model"] == model and f["seed"] == r["seed"]]
+            out[f"{model}-{dtype}"] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "runs": accs,
+                                       "agreement_with_float16": float(np.mean(same))}
+    return out
+
+
+def structured(source: Path, jobs: int, json_path: Path) -> None:
+    from mist.formats import FeatureSet
+    from mist.formats.quant import bytes_per_row
+
+    load_before, started = os.getloadavg(), time.perf_counter()
+    results = {}
+    for task in ("count", "location", "orientation", "natural"):
+        work = source / task / "quant"
+        work.mkdir(exist_ok=True)
+        for split in ("train", "test"):
+            link = work / f"{split}-float16"
+            if not link.exists():
+                link.symlink_to((source / task / split).resolve())
+            for dtype in DTYPES[1:]:
+                sh(BIN / "mist-cloud", "convert", link, "--dtype", dtype, "--out", work / f"{split}-{dtype}",
+                   "--overwrite")
+        shape = FeatureSet(work / "train-float16").row_shape
+        tasks = [(d, m, s) for m in ("probe", "adaptor") for s in SEEDS for d in DTYPES]
+        with ThreadPoolExecutor(jobs) as pool:
+            runs = list(pool.map(lambda t, work=work: train_and_test(work, *t), tasks))
+        results[task] = {"row_shape": list(shape), **summarise(runs),
+                         "bytes_per_image": {d: bytes_per_row(d, shape) for d in DTYPES}}
+        row = results[task]
+        print(f"| {task} | " + " | ".join(
+            f"{row[f'{m}-{d}']['mean']:.2f} ± {row[f'{m}-{d}']['std']:.2f}"
+            for m in ("probe", "adaptor") for d in DTYPES) + " |", flush=True)
+    load_after = os.getloadavg()
+    print(f"load {load_before[0]:.1f} -> {load_after[0]:.1f}, {time.perf_counter() - started:.0f} s")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({"source": str(source), "adaptor": ADAPTOR, "probe": PROBE, "seeds": SEEDS,
+                                     "loadavg_before": load_before, "loadavg_after": load_after,
+                                     "seconds": time.perf_counter() - started, "tasks": results}, indent=2) + "\n")
+    print(f"wrote {json_path}")
+
+
 def _delta(value: float, base: float, is_base: bool) -> str:
     return "" if is_base else f" ({value - base:+.2f})"
 
@@ -107,8 +164,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "quant_study")
     parser.add_argument("--jobs", type=int, default=3, help="Training runs at a time.")
-    parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "quant_study.json")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="Default: benchmarks/results/quant_study.json (quant_structured.json with --structured).")
+    parser.add_argument("--structured", type=Path, default=None,
+                        help="The structured study's work directory: run on its tasks instead.")
     args = parser.parse_args()
+    results = REPO / "benchmarks" / "results"
+    if args.structured is not None:
+        structured(args.structured, args.jobs, args.json or results / "quant_structured.json")
+        return
+    args.json = args.json or results / "quant_study.json"
     import numpy as np
 
     from mist.formats import FeatureSet
