@@ -1,18 +1,16 @@
 """Bound what one extraction may allocate, so a bad size is an error line instead of the kernel's OOM killer.
 
-Two guards:
+The guard:
 
 - ``address_space_limit`` wraps the one-image probe forward (and model construction): an ``--img-size`` or
   ``--model-kwargs`` that would need more than the allowed memory makes torch's allocator fail at once,
   which is turned into a ``CloudError``, instead of the process swelling until it is killed.
-- ``extraction_bytes`` estimates a whole run from the probed layer shapes (a batch of inputs, every layer's
-  activations, the Gather* sums, the shard buffer), to be refused before the first batch.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 from .errors import CloudError
 
@@ -65,22 +63,3 @@ def address_space_limit(extra_bytes: int | None, what: str) -> Iterator[None]:
 
 def _gib(n: int) -> str:
     return f"{n / 1024**3:.1f}"
-
-
-def extraction_bytes(batch: int, workers: int, input_size: Sequence[int], layer_shapes: Sequence[tuple[int, int]],
-                     k: int, tokens: int, dim: int, buffer_rows: int, storage_bytes: int, param_bytes: int) -> int:
-    """An estimate of an extraction's peak memory, from sizes alone.
-
-    Per image: the input tensor (decoded and transformed, twice), every layer's output kept while the next
-    is computed (x4 for attention and MLP temporaries), and the k fp32 group sums. Prefetching workers hold
-    two batches of inputs each. The writer holds up to a shard and a batch of rows, twice while it
-    concatenates them.
-    """
-    channels, height, width = (int(v) for v in input_size)
-    image = 4 * channels * height * width
-    activations = 4 * 4 * sum(t * d for t, d in layer_shapes)
-    sums = 4 * k * tokens * dim
-    per_batch = batch * (2 * image + activations + sums)
-    prefetch = 2 * max(workers, 0) * batch * 2 * image
-    buffer = 2 * buffer_rows * k * tokens * dim * storage_bytes
-    return param_bytes + per_batch + prefetch + buffer
