@@ -5,7 +5,8 @@ Every step runs the real command-line tools in subprocesses, exactly as a user w
 linear-probe baseline), ``mist-device train --model auto`` (probes and the LAE adaptor in one search on a
 validation split; it keeps the best), then ``mist-device evaluate``. The baseline is the device's own
 logistic-regression probe (``--model probe``) on the mean-pooled last-layer features of the same images, so
-both sides are chosen the same way. Bytes are counted as shipped: a pooled model needs only the pooled vectors.
+both sides are chosen the same way. Bytes are counted as shipped: the cloud pools the probe's last layer
+(``--pool mean``), so that set holds one vector per image.
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ def sh(*cmd: str) -> float:
     return time.perf_counter() - start
 
 
-def extract(args: argparse.Namespace, data: str, split: str, groups: str, out: Path, subset: list[str]) -> float:
+def extract(args: argparse.Namespace, data: str, split: str, groups: str, out: Path, subset: list[str],
+            *more: str) -> float:
     return sh("mist-cloud", "extract", "--model", args.model, *args.weights, "--data", data, "--split", split,
               "--groups", groups, "--out", str(out), "--seed", str(args.seed), "--threads", str(args.threads),
-              "--overwrite", *subset, *args.extract_args)
+              "--overwrite", *subset, *more, *args.extract_args)
 
 
 def main() -> None:
@@ -72,8 +74,9 @@ def main() -> None:
     train_subset, test_subset = ["--per-class", str(args.per_class)], ["--limit", str(args.test_limit)]
     t_extract = extract(args, args.train_data, "train", args.groups, w / "train", train_subset)
     t_extract += extract(args, args.test_data, "test", args.groups, w / "test", test_subset)
-    extract(args, args.train_data, "train", args.probe_groups, w / "train-probe", train_subset)
-    extract(args, args.test_data, "test", args.probe_groups, w / "test-probe", test_subset)
+    # The probe's baseline ships what it uses: the cloud pools the last layer, one vector per image.
+    extract(args, args.train_data, "train", args.probe_groups, w / "train-probe", train_subset, "--pool", "mean")
+    extract(args, args.test_data, "test", args.probe_groups, w / "test-probe", test_subset, "--pool", "mean")
 
     def train_and_evaluate(run: str, data: str, *extra: str) -> tuple[float, dict, dict]:
         seconds = sh("mist-device", "train", str(w / data), "--out", str(w / run), "--epochs", str(args.epochs),
@@ -106,7 +109,8 @@ def main() -> None:
     best_lae = next(m for m in grid["members"] if m["kind"] == "lae")
     print(f"\nthe device chose {grid['chosen']}: {grid['reason']}; best adaptor {best_lae['name']} "
           f"validated {best_lae['val_acc']:.4f}")
-    print("bytes/image as shipped (fp16): a pooled model needs only the k pooled vectors, others the k full maps")
+    print("bytes/image (fp16): what the chosen model reads per image; the baseline's set was pooled on the cloud "
+          "(--pool mean), so it ships just that")
     print(f"extraction of {args.model} features: {t_extract:.1f}s; test rows: {report['rows']}")
     summary = {"model": args.model, "groups": args.groups, "device_choice": grid["chosen"],
                "device_choice_kind": grid["kind"], "device_choice_accuracy": report["accuracy"],
