@@ -190,7 +190,7 @@ def gather(per_layer: np.ndarray, layers: list[int], groups: list[list[int]], sc
     return np.stack(maps, axis=1)
 
 
-# ---- the training loop (the same steps as mist.device.train.Trainer, on in-memory arrays) -------------------
+# ---- the training loop: mist.device's training step, on in-memory arrays ---------------------------------
 
 RECIPE = dict(epochs=30, batch_size=32, weight_decay=1e-4, warmup_epochs=3.0, label_smoothing=0.1, grad_clip=1.0)
 
@@ -204,24 +204,26 @@ def make_cfg(x: np.ndarray, rank: int, blocks_per_group: int = 1, pool: str = "m
 
 
 def train_numpy(x, y, cfg, lr: float, seed: int, recipe: dict = RECIPE, record_first: bool = False):
-    from mist.device.lae import LAE, init_params, loss_and_grads
-    from mist.device.optim import AdamW, clip_grad_norm, lr_schedule
+    """The model `mist-device train` builds, trained by its step (`mist.device.step.train_step`)."""
+    from mist.device.adaptor import build
+    from mist.device.lae import init_params
+    from mist.device.optim import AdamW
+    from mist.device.step import Recipe, train_step
 
-    model = LAE(cfg, init_params(cfg, seed))
+    model = build(cfg, init_params(cfg, seed))
     opt = AdamW(model.params, lr=lr, weight_decay=recipe["weight_decay"])
     bs = recipe["batch_size"]
     spe = math.ceil(len(y) / bs)
-    total, warm = spe * recipe["epochs"], int(round(recipe["warmup_epochs"] * spe))
+    schedule = Recipe(lr=lr, total_steps=spe * recipe["epochs"], warmup_steps=int(round(recipe["warmup_epochs"] * spe)),
+                      label_smoothing=recipe["label_smoothing"], grad_clip=recipe["grad_clip"])
     step, first = 0, []
     for epoch in range(recipe["epochs"]):
         order = np.random.default_rng([seed, epoch]).permutation(len(y))  # as Trainer: f(seed, epoch)
         for b in range(spe):
             rows = order[b * bs:(b + 1) * bs]
-            loss, grads, _ = loss_and_grads(model, x[rows], y[rows], recipe["label_smoothing"])
+            result = train_step(model, opt, x[rows], y[rows], step, schedule)
             if record_first and step < 5:
-                first.append(loss)
-            clip_grad_norm(grads, recipe["grad_clip"])
-            opt.step(grads, lr=lr_schedule(step, total, lr, warm))
+                first.append(result.loss)
             step += 1
     return model, first
 
@@ -232,10 +234,10 @@ def accuracy(model, x, y, bs: int = 250) -> float:
 
 
 def split_80_20(y: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng([seed, 7919])
-    val = np.concatenate([rng.permutation(np.nonzero(y == c)[0])[: int(round(0.2 * np.sum(y == c)))]
-                          for c in np.unique(y)])
-    return np.setdiff1d(np.arange(len(y)), val), np.sort(val)
+    """The validation split `mist-device train --val-split 0.2 --val-seed SEED` draws."""
+    from mist.device.data import split_rows
+
+    return split_rows(y, 0.2, seed)
 
 
 def linear_probe(study: Study, seeds: list[int]) -> dict:
@@ -382,7 +384,7 @@ def head_features(sets: list[tuple[np.ndarray, list[int]]], bs: int = 500) -> li
     ``sets`` are (stored layers, their layer numbers) pairs; the backbone is built once for all of them."""
     import torch
 
-    from cloud.backbones import create_backbone
+    from mist.cloud.backbones import create_backbone
 
     model = create_backbone("tf_efficientnet_lite0", "pretrained", log=lambda *_: None).model
     features = []

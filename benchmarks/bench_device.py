@@ -107,9 +107,11 @@ def train_worker(shape: str, batch: int, steps: int, rounds: int, rank: int, hea
     import numpy as np
     import torch
 
+    from mist.device.data import prepare_maps
     from mist.device.fast_lae import FastLAE
-    from mist.device.lae import LAE, flops_per_image, init_params, loss_and_grads
-    from mist.device.optim import AdamW, clip_grad_norm
+    from mist.device.lae import LAE, flops_per_image, init_params
+    from mist.device.optim import AdamW
+    from mist.device.step import Recipe, train_step
 
     threads = int(os.environ["OMP_NUM_THREADS"])
     torch.set_num_threads(threads)
@@ -119,13 +121,19 @@ def train_worker(shape: str, batch: int, steps: int, rounds: int, rank: int, hea
     y = rng.integers(0, CLASSES, batch)
 
     def numpy_step(model_class):
+        """The trainer's data step (the fp16 batch cast into reused prepared maps, for a model that reads
+        them) and its training step, as `mist-device train` runs them."""
         model = model_class(cfg, init_params(cfg, 0))
         opt = AdamW(model.params, lr=1e-3, weight_decay=1e-4)
+        recipe = Recipe(lr=1e-3, total_steps=10**9, warmup_steps=0, label_smoothing=0.1, grad_clip=1.0)
+        maps, count = None, 0
 
         def step() -> None:
-            _, grads, _ = loss_and_grads(model, x16, y, 0.1)
-            clip_grad_norm(grads, 1.0)
-            opt.step(grads)
+            nonlocal maps, count
+            if model.reads == "maps":
+                maps = prepare_maps(x16, cfg.input_scale, model.dtype, maps)
+            train_step(model, opt, maps if model.reads == "maps" else x16, y, count, recipe)
+            count += 1
 
         return step
 
@@ -177,9 +185,9 @@ def predict_worker(side: str, shape: str, calls: int, rank: int, heads: int) -> 
     params = init_params(cfg, 0)
     x16 = np.random.default_rng(0).standard_normal((1, cfg.groups, cfg.tokens, cfg.dim)).astype(np.float16)
     if side == "numpy":
-        from mist.device.fast_lae import build_model
+        from mist.device.adaptor import build
 
-        model = build_model(cfg, params)
+        model = build(cfg, params)
 
         def call() -> None:
             model.forward(x16, keep_cache=False)

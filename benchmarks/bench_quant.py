@@ -5,8 +5,9 @@ then times, for every dtype in turn:
 
 - **read**: one epoch of shuffled minibatches through `FeatureSet.read`, exactly as the trainer reads
   them (fresh memmap per batch, dequantised to fp32 per batch);
-- **step**: the trainer's step on those batches: `read_finite` (the NaN/inf check), LAE forward and
-  backward, gradient clipping and AdamW.
+- **step**: the trainer's data step and training step on those batches: `mist.device.data.batches` (read,
+  cast, per-token statistics, the NaN/inf check) and `mist.device.step.train_step` on the model training
+  uses (forward, backward, gradient clipping, AdamW).
 
 Rounds alternate the dtypes, so background load hits all of them alike; the table reports medians. The sets
 are a few tens of MB and sit in the page cache after the first round: this is the reader's CPU cost, not a
@@ -47,9 +48,12 @@ def main() -> None:
 
     import numpy as np
 
-    from mist.device.lae import LAE, init_params, loss_and_grads
-    from mist.device.optim import AdamW, clip_grad_norm
-    from mist.device.train import build_config, read_finite
+    from mist.device.adaptor import build
+    from mist.device.data import batches as prepared_batches
+    from mist.device.lae import init_params
+    from mist.device.optim import AdamW
+    from mist.device.step import Recipe, train_step
+    from mist.device.train import build_config
     from mist.formats import FeatureSet, FeatureSetWriter, Manifest
     from mist.formats.quant import bytes_per_row
 
@@ -87,14 +91,12 @@ def main() -> None:
                 for rows in batches:
                     fs.read(rows)
                 seconds = time.perf_counter() - start
-                model = LAE(cfg, init_params(cfg, 0))
+                model = build(cfg, init_params(cfg, 0))
                 optimizer = AdamW(model.params, lr=1e-3, weight_decay=1e-4)
+                recipe = Recipe(lr=1e-3, total_steps=len(batches), warmup_steps=0, label_smoothing=0.1)
                 start = time.perf_counter()
-                for rows in batches[:args.step_batches]:
-                    x = read_finite(fs, rows, np.float32)
-                    _, grads, _ = loss_and_grads(model, x, fs.labels[rows], 0.1)
-                    clip_grad_norm(grads, 1.0)
-                    optimizer.step(grads, lr=1e-3)
+                for i, batch in enumerate(prepared_batches(fs, batches[:args.step_batches], {model.reads})):
+                    train_step(model, optimizer, batch.input_for(model), batch.labels, i, recipe)
                 step_seconds = (time.perf_counter() - start) / min(args.step_batches, len(batches))
                 if round_index:
                     reads[dtype].append(n / seconds)

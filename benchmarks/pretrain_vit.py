@@ -59,8 +59,8 @@ def preprocess(split: str) -> tuple[np.ndarray, np.ndarray]:
     """Fashion-MNIST images through the cloud's own eval transform; returns channel 0 (the 3 are equal)."""
     import torch
 
-    from cloud.backbones import create_backbone, make_transform
-    from cloud.datasets import open_source
+    from mist.cloud.backbones import create_backbone, make_transform
+    from mist.cloud.datasets import open_source
 
     src = open_source("fashion-mnist", split)
     cfg = create_backbone(MODEL, "random-init", img_size=IMG, log=lambda s: None).data_config

@@ -28,10 +28,10 @@ Activations kept for the backward: (B, T, r)-sized arrays plus one attention map
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
+from .data import FrozenMaps, prepare_maps
 from .lae import LAE, LAEConfig
 from .parallel import run_chunks, scratch
 
@@ -39,48 +39,20 @@ EPS = 1e-5  # as layers.layernorm_forward and torch.nn.LayerNorm
 _CHUNK_BYTES = 2 << 20  # attention maps per thread chunk: small enough for cache, big enough to amortise calls
 
 
-@dataclass
-class FrozenMaps:
-    """The frozen part of the state before each group's blocks, F_j = input_scale * (x_0 + ... + x_j).
-
-    Laid out (k, B, T, d) so each F_j is one contiguous (B*T, d) GEMM operand; ``mean`` and ``var`` (k, B, T)
-    are its per-token statistics (two-pass variance, computed once per batch).
-    """
-
-    maps: np.ndarray
-    mean: np.ndarray
-    var: np.ndarray
-
-    def __len__(self) -> int:
-        return self.maps.shape[1]
-
-    def nonfinite_rows(self) -> np.ndarray:
-        """Rows with a NaN or inf anywhere in their features: a non-finite value makes its token's mean or
-        variance non-finite, in F_j and every later F (so no separate pass over the features is needed)."""
-        ok = np.isfinite(self.mean) & np.isfinite(self.var)
-        return np.nonzero(~ok.all(axis=(0, 2)))[0]
-
-
-def build_model(cfg: LAEConfig, params: dict[str, np.ndarray]) -> LAE:
-    """The model training, evaluation and prediction use: the fast path, checked against lae.LAE in tests.
-
-    A learned position table (pos_embed) is a full-rank (T, d) addition with a gradient, which the low-rank
-    rewrite does not cover: such configs get the readable LAE."""
-    if getattr(cfg, "pos_embed", False):
-        return LAE(cfg, params)
-    return FastLAE(cfg, params)
-
-
 class FastLAE(LAE):
     """Drop-in for LAE (same constructor, forward, backward, params, cfg, dtype), the low-rank way.
 
-    ``forward`` also takes a FrozenMaps from ``prepare`` (the trainer prepares the next batch in a read-ahead
-    thread). The frozen features get no gradient: ``backward(..., input_grad=True)`` is lae.LAE's job.
+    ``forward`` takes the FrozenMaps of a data.Batch (prepared once per batch, in the read-ahead), or raw
+    features, which it prepares itself. The frozen features get no gradient: ``backward(..., input_grad=True)``
+    is lae.LAE's job.
     """
+
+    kind = "lae"  # its model kind (device/adaptor.py)
+    reads = "maps"
 
     def __init__(self, cfg: LAEConfig, params: dict[str, np.ndarray]):
         if getattr(cfg, "pos_embed", False):
-            raise ValueError("FastLAE does not cover pos_embed (a full-rank table); use build_model or LAE")
+            raise ValueError("FastLAE does not cover pos_embed (a full-rank table); use adaptor.build or LAE")
         super().__init__(cfg, params)  # validates the config and every parameter's shape and dtype
         self._buffers: dict[str, np.ndarray] = {}
 
@@ -100,56 +72,6 @@ class FastLAE(LAE):
         """Drop the reused buffers (and the last forward's cache), e.g. before a long pause."""
         self._buffers.clear()
         self._cache = None
-
-    # ---- input: cast, scale, sum the groups, per-token statistics: one pass, in batch chunks ----
-
-    def prepare(self, x: np.ndarray, out: FrozenMaps | None = None) -> FrozenMaps:
-        """x (B, k, T, d), any float dtype (fp16 on disk) -> FrozenMaps in the model's dtype.
-
-        ``out`` is reused when its batch size matches. Safe to call from another thread than forward's as
-        long as each call has its own ``out``.
-        """
-        cfg = self.cfg
-        x = np.asarray(x)
-        if x.ndim != 4 or x.shape[1:] != (cfg.groups, cfg.tokens, cfg.dim):
-            want = ("B", cfg.groups, cfg.tokens, cfg.dim)
-            raise ValueError(f"features must have shape {want}, got {x.shape}")
-        B, k, T, d = x.shape
-        if out is None or out.maps.shape != (k, B, T, d) or out.maps.dtype != self.dtype:
-            out = FrozenMaps(np.empty((k, B, T, d), self.dtype), np.empty((k, B, T), self.dtype),
-                             np.empty((k, B, T), self.dtype))
-        self.fill(out, lambda rows: x[rows], B)
-        return out
-
-    def fill(self, out: FrozenMaps, read, n: int) -> None:
-        """Fill ``out`` from ``read(rows) -> (len(rows), k, T, d)`` array, a few images per thread chunk."""
-        maps, mean, var, scale, dtype = out.maps, out.mean, out.var, self.cfg.input_scale, self.dtype
-        k, _, T, d = maps.shape
-
-        def work(rows: slice) -> None:
-            x = read(rows)
-            with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows: see nonfinite_rows
-                fill_rows(x, rows)
-
-        def fill_rows(x: np.ndarray, rows: slice) -> None:
-            for i in range(rows.stop - rows.start):
-                b = rows.start + i
-                for j in range(k):
-                    f = maps[j, b]
-                    if scale != 1.0:  # as LAE: cast first, then scale in the compute dtype
-                        np.multiply(x[i, j], scale, out=f, dtype=dtype)
-                    else:
-                        f[...] = x[i, j]
-                    if j:
-                        f += maps[j - 1, b]
-                    mu = f.mean(axis=-1)
-                    centred = scratch("centred", (T, d), dtype)
-                    np.subtract(f, mu[:, None], out=centred)
-                    np.multiply(centred, centred, out=centred)
-                    mean[j, b] = mu
-                    var[j, b] = centred.mean(axis=-1)
-
-        run_chunks(work, n, 4)
 
     # ---- forward ----
 
@@ -173,7 +95,7 @@ class FastLAE(LAE):
         """x (B, k, T, d) or a FrozenMaps -> logits (B, C). keep_cache=False (evaluation) keeps nothing and
         reuses one set of buffers for every block and batch."""
         self._cache = None  # the previous step's activations go now, not after this forward
-        fm = x if isinstance(x, FrozenMaps) else self.prepare(x, self._reused_maps(x, keep_cache))
+        fm = x if isinstance(x, FrozenMaps) else self._prepare(x, keep_cache)
         cfg, p = self.cfg, self.params
         k, B, T, d = fm.maps.shape
         r, bpg = cfg.rank, cfg.blocks_per_group
@@ -226,15 +148,17 @@ class FastLAE(LAE):
             self._cache = (fm, O, W, Wc, blocks, groups, (sel, sigma, a, aO, pooled_hat, pooled))
         return logits
 
-    def _reused_maps(self, x: np.ndarray, keep_cache: bool) -> FrozenMaps | None:
-        """The reused FrozenMaps for a raw input of this batch size (None: prepare allocates one)."""
-        shape, cfg = np.shape(x), self.cfg
-        if len(shape) != 4 or shape[1:] != (cfg.groups, cfg.tokens, cfg.dim):
-            return None  # prepare raises the shape error
-        B, k, T, d = shape
+    def _prepare(self, x: np.ndarray, keep_cache: bool) -> FrozenMaps:
+        """Raw features (B, k, T, d) -> FrozenMaps in reused buffers (a trainer hands in prepared maps instead)."""
+        cfg, x = self.cfg, np.asarray(x)
+        if x.ndim != 4 or x.shape[1:] != (cfg.groups, cfg.tokens, cfg.dim):
+            want = ("B", cfg.groups, cfg.tokens, cfg.dim)
+            raise ValueError(f"features must have shape {want}, got {x.shape}")
+        B, k, T, d = x.shape
         tag = "train" if keep_cache else "eval"
-        return FrozenMaps(self._buffer(f"{tag}.maps", (k, B, T, d)), self._buffer(f"{tag}.mean", (k, B, T)),
-                          self._buffer(f"{tag}.var", (k, B, T)))
+        out = FrozenMaps(self._buffer(f"{tag}.maps", (k, B, T, d)), self._buffer(f"{tag}.mean", (k, B, T)),
+                         self._buffer(f"{tag}.var", (k, B, T)))
+        return prepare_maps(x, cfg.input_scale, self.dtype, out)
 
     # ---- backward: the reverse of forward, final LayerNorm first, then groups and blocks in reverse ----
 

@@ -29,7 +29,6 @@ from .layers import (
     linear_forward,
     pool_backward,
     pool_forward,
-    softmax_cross_entropy,
 )
 
 
@@ -150,6 +149,9 @@ class LAE:
     """The model: holds the config and a params dict (shared, not copied, so an optimizer that updates the
     arrays in place is seen by the next forward), and the caches of the last forward."""
 
+    kind = "lae"  # its model kind (device/adaptor.py)
+    reads = "features"  # the (B, k, T, d) maps of a data.Batch
+
     def __init__(self, cfg: LAEConfig, params: dict[str, np.ndarray]):
         cfg.validate()
         shapes = param_shapes(cfg)
@@ -246,13 +248,3 @@ class LAE:
         if dx is not None:
             grads["input"] = dx * cfg.input_scale
         return grads
-
-
-def loss_and_grads(
-    model: LAE, x: np.ndarray, labels: np.ndarray, label_smoothing: float = 0.0
-) -> tuple[float, dict[str, np.ndarray], np.ndarray]:
-    """One training step's worth of work: (mean loss, grads keyed like model.params, logits)."""
-    logits = model.forward(x)
-    loss, dlogits = softmax_cross_entropy(logits, labels, label_smoothing)
-    grads = model.backward(dlogits)
-    return loss, grads, logits

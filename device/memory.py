@@ -1,49 +1,69 @@
-"""How many bytes an LAE configuration will need, computed from its sizes alone, before anything is allocated.
+"""The one estimate of how much memory a command will need, from sizes alone, before anything is allocated.
 
-The figures are upper-bound-ish estimates (float32 compute, every cache of the forward kept for the backward),
-good to within a small factor: enough to refuse ``--blocks-per-group 100000`` with a number instead of letting
-the kernel kill the process at 22 GB.
+``--max-memory`` (default: what the machine has available now) refuses a run or an evaluation whose estimate
+is above it, with a number instead of the kernel killing the process. The estimate adds up:
+
+- the interpreter with NumPy, safetensors, click and mist loaded (``INTERPRETER``, measured);
+- the batch every member shares (data.py): the staged rows in the storage dtype, the prepared float32 maps
+  and their statistics, and float32 features when a member reads them (the training batch, or a
+  validation chunk: the training batch is freed before validation);
+- each member's own memory, from its kind (device/adaptor.py and device/probe.py: weights, gradients, AdamW
+  moments, activations of a step, or a fit's arrays), summed over the members of a search;
+- the fitted models' training rows, read once as float32.
+
+tests/test_device_memory.py holds the estimate within 20% of a real run's peak RSS at two shapes.
 """
 
 from __future__ import annotations
 
-from .lae import LAEConfig
+from typing import Any
 
-_FLOAT = 4  # bytes: compute is float32 whatever the storage dtype
-_PER_ARRAY = 256  # bytes of Python and NumPy bookkeeping per parameter array (6 per block)
+from .kinds import kind_for_config
+
+INTERPRETER = 44 * 1024**2  # Python, NumPy, safetensors, click and mist before any array (measured 43 MB)
+# Beyond what the arrays themselves add up to, a run's peak RSS carries a share that grows with the row size
+# and not with the batch: per-thread scratch rows, the read-ahead thread's own allocations and what the
+# allocator keeps of freed temporaries. Measured at T x d = 49 x 192 to 197 x 768: about 28 rows of float32.
+_SLACK_ROWS = 28
 _PER_PREDICTION = 1024  # a prediction record (dicts, strings) before it is written out
-_INTERPRETER = 64 * 1024**2  # Python, NumPy and the CLI before any array: measured ~48 MB
 
 
-def parameter_count(cfg: LAEConfig) -> int:
-    """The same number as ``count_params(init_params(cfg))``, without building the arrays."""
-    d, r, C = cfg.dim, cfg.rank, cfg.num_classes
-    per_block = 2 * d + d * 3 * r + 3 * r + r * d + d
-    return cfg.num_blocks * per_block + 2 * d + d * C + C
+def batch_bytes(row_shape: tuple[int, int, int], batch: int, storage_bytes: int, features: bool) -> int:
+    """The shared batch: the staged rows, the float32 maps with mean and variance, float32 features if read."""
+    k, T, d = row_shape
+    staged = batch * k * T * d * storage_bytes
+    maps = 4 * batch * k * T * (d + 2)
+    return staged + maps + (4 * batch * k * T * d if features else 0)
 
 
-def _block_activations(cfg: LAEConfig, batch: int) -> int:
-    """Floats one block keeps for its backward: LN input and output, qkv, scores and softmax, o, out."""
-    T, d, r, h = cfg.tokens, cfg.dim, cfg.rank, cfg.heads
-    return batch * (T * (4 * d + 5 * r) + 2 * h * T * T)
+def training_bytes(member_cfgs: list[Any], fitted_cfgs: list[Any], batch: int, rows: int, val_rows: int,
+                   row_shape: tuple[int, int, int], storage_bytes: int, search: bool) -> int:
+    """Peak bytes of a run, the largest of its three phases. Members hold their weights and reused buffers
+    side by side, and step one at a time, so a phase holds every member's share plus the largest step:
+    - fitting: the ``rows`` training and validation rows read once as float32, and the largest fit (freed
+      before the epochs);
+    - training: the shared batch, and the largest member step;
+    - validation: an evaluation chunk, and each member's evaluation buffers."""
+    from .evaluation import eval_chunk_rows
+
+    k, T, d = row_shape
+    kinds = [(kind_for_config(c), c) for c in member_cfgs]
+    shares = [kind.memory_bytes(c, batch, search) for kind, c in kinds]
+    held, largest_step = sum(h for h, _ in shares), max((s for _, s in shares), default=0)
+    features = any(kind.reads(c) == "features" for kind, c in kinds)
+    training = batch_bytes(row_shape, batch, storage_bytes, features) + largest_step if kinds else 0
+    chunk = min(eval_chunk_rows(member_cfgs[0], 128), val_rows) if kinds else 0
+    validation = (batch_bytes(row_shape, chunk, storage_bytes, features)
+                  + sum(kind.inference_bytes(c, chunk) for kind, c in kinds)) if kinds else 0
+    fits = [kind_for_config(c).memory_bytes(c, rows, False)[1] for c in fitted_cfgs]
+    fitting = 4 * rows * k * T * d + max(fits) if fits else 0
+    return INTERPRETER + _SLACK_ROWS * 4 * k * T * d + held + max(training, validation, fitting)
 
 
-def training_bytes(cfg: LAEConfig, batch: int) -> int:
-    """Weights, gradients, two AdamW moments and a checkpoint's copies, plus one batch's caches."""
-    P = parameter_count(cfg)
-    weights = 6 * P  # params, grads, m, v, and the copies written to a checkpoint
-    # x1.5: the backward's temporaries beside the caches (measured: 242 KB per block where the caches alone
-    # are 172 KB, d=16 T=8 r=8 batch 32).
-    caches = max(cfg.num_blocks, 1) * _block_activations(cfg, batch) * 3 // 2
-    inputs = 2 * batch * cfg.groups * cfg.tokens * cfg.dim  # the batch read from disk, and its float32 copy
-    bookkeeping = 6 * cfg.num_blocks * _PER_ARRAY * 4
-    return _INTERPRETER + _FLOAT * (weights + caches + inputs) + bookkeeping
-
-
-def inference_bytes(cfg: LAEConfig, batch: int, rows: int) -> int:
-    """Weights once, one block's activations at a time, one batch of input, and a record per predicted row."""
-    P = parameter_count(cfg)
-    caches = 2 * _block_activations(cfg, batch)
-    inputs = 2 * batch * cfg.groups * cfg.tokens * cfg.dim
-    outputs = rows * (2 * cfg.num_classes * 8 + _PER_PREDICTION)
-    return _INTERPRETER + _FLOAT * (2 * P + caches + inputs) + outputs + 6 * cfg.num_blocks * _PER_ARRAY
+def inference_bytes(model: Any, batch: int, rows: int) -> int:
+    """Running ``model`` over ``rows`` rows in chunks of ``batch``: its kind's figure, the chunk's staged and
+    prepared features, and a record per predicted row."""
+    k, T, d = model.cfg.groups, model.cfg.tokens, model.cfg.dim
+    chunk = batch_bytes((k, T, d), batch, 4, model.reads == "features")
+    outputs = rows * (2 * model.cfg.num_classes * 8 + _PER_PREDICTION)
+    return INTERPRETER + kind_for_config(model.cfg).inference_bytes(model.cfg, batch) + chunk + outputs

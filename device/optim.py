@@ -1,4 +1,4 @@
-"""AdamW, global-norm gradient clipping and the warm-up + cosine learning-rate schedule.
+"""AdamW, global-norm gradient clipping, the warm-up + cosine learning-rate schedule and its warm-up length.
 
 All three follow their PyTorch counterparts step for step (torch.optim.AdamW, torch.nn.utils.clip_grad_norm_)
 so that a NumPy run and a PyTorch run from the same weights stay together; tests/test_adamw.py checks this.
@@ -104,3 +104,27 @@ def lr_schedule(step: int, total_steps: int, base_lr: float, warmup_steps: int, 
         return base_lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+MAX_WARMUP_FRACTION = 0.5
+
+
+def warmup_steps(warmup_epochs: float | None, warmup_fraction: float, steps_per_epoch: int,
+                 total_steps: int) -> tuple[int, str | None]:
+    """Warm-up length in steps, and a warning when an explicit ``warmup_epochs`` had to be clamped.
+
+    A fixed warm-up in epochs breaks short runs: 3 warm-up epochs of a 3-epoch run never let the cosine decay,
+    and of a 2-epoch run never reach the peak. A fraction of the run scales with it; an explicit
+    ``--warmup EPOCHS`` longer than half the run is cut to half, with a warning, so the cosine always has room
+    to decay.
+    """
+    if warmup_epochs is None:
+        return int(round(warmup_fraction * total_steps)), None
+    asked = int(round(warmup_epochs * steps_per_epoch))
+    limit = int(MAX_WARMUP_FRACTION * total_steps)
+    if asked <= limit:
+        return asked, None
+    epochs = total_steps / max(steps_per_epoch, 1)
+    return limit, (f"--warmup {warmup_epochs:g} epochs is more than half of a {epochs:g}-epoch run, so the learning "
+                   f"rate would hardly decay; warming up for {limit} of {total_steps} steps instead "
+                   f"(pass --warmup-fraction F to choose a fraction)")

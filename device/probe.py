@@ -12,14 +12,27 @@ Solver: full batch, L-BFGS with a backtracking (Armijo) line search, from zero w
 so the optimum does not depend on a seed, and L-BFGS reaches it in a few hundred cheap iterations on the
 VTAB-1k scale (a thousand rows, even flattened: 800 x 9,408 fp32 is 30 MB). The features must fit in memory
 as float32; ``fit_memory_bytes`` says how much, and the trainer refuses a set that does not fit.
+
+The module is the probe's model kind (``KIND``, registered in device/kinds.py): it is fitted once, before an
+adaptor's first epoch, by ``fit_family`` on features read once for every L2 strength.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from mist.formats import Checkpoint, FormatError
+
+from .layers import softmax_cross_entropy
+from .model_kind import ModelKind
+from .record import check_record
 
 FEATURES = ("pooled", "flat")
 
@@ -154,9 +167,10 @@ def lbfgs(fun, w0: np.ndarray, max_iter: int, history: int = 10, tol: float = 1e
 
 
 class Probe:
-    """Same surface as the LAE for evaluation: ``cfg``, ``params``, ``dtype``, ``forward``, ``backward``."""
+    """Same surface as the LAE for evaluation: ``cfg``, ``params``, ``dtype``, ``reads``, ``forward``."""
 
     kind = "probe"
+    reads = "features"  # the (B, k, T, d) maps of a data.Batch, unscaled: the probe scales and pools them
 
     def __init__(self, cfg: ProbeConfig, params: dict[str, np.ndarray]):
         cfg.validate()
@@ -169,26 +183,18 @@ class Probe:
                 raise ValueError(f"probe param {name} has shape {params[name].shape}, expected {shape}")
         self.cfg, self.params = cfg, {k: np.asarray(v, dtype=np.float32) for k, v in params.items()}
         self.dtype = np.dtype(np.float32)
-        self._z: np.ndarray | None = None
 
     def standardise(self, x: np.ndarray) -> np.ndarray:
         f = probe_features(x, self.cfg.features, self.cfg.input_scale)
         return (f - self.params["mean"]) * self.params["inv_std"]
 
-    def forward(self, x: np.ndarray, keep_cache: bool = True) -> np.ndarray:
+    def forward(self, x: np.ndarray, keep_cache: bool = False) -> np.ndarray:
+        """x (B, k, T, d) -> logits (B, C). Nothing is cached: the probe is fitted by ``fit_probe``, not by steps."""
         cfg = self.cfg
         x = np.asarray(x)
         if x.ndim != 4 or x.shape[1:] != (cfg.groups, cfg.tokens, cfg.dim):
             raise ValueError(f"features must have shape {('B', cfg.groups, cfg.tokens, cfg.dim)}, got {x.shape}")
-        z = self.standardise(x)
-        self._z = z if keep_cache else None
-        return z @ self.params["weight"] + self.params["bias"]
-
-    def backward(self, dlogits: np.ndarray) -> dict[str, np.ndarray]:
-        """Gradients of the trained parameters (weight, bias) for dloss/dlogits; the L2 term is the fit's."""
-        if self._z is None:
-            raise RuntimeError("backward needs a forward(x, keep_cache=True) first")
-        return {"weight": self._z.T @ dlogits, "bias": dlogits.sum(axis=0)}
+        return self.standardise(x) @ self.params["weight"] + self.params["bias"]
 
 
 def standardisation(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -221,3 +227,78 @@ def fit_probe(cfg: ProbeConfig, f_train: np.ndarray, labels: np.ndarray,
     loss, _ = fun(w)
     params = {"mean": mean, "inv_std": inv_std, "weight": w[:F * C].reshape(F, C), "bias": w[F * C:]}
     return Probe(cfg, params), {"train_loss": loss, "iterations": iterations}
+
+
+def probe_name(cfg: ProbeConfig) -> str:
+    return f"probe-{cfg.features}-l2-{cfg.l2:g}"
+
+
+def fit_family(cfgs: list[ProbeConfig], x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray | None,
+               y_val: np.ndarray, log: Callable[[str], None] = print) -> list[tuple[str, Probe, dict[str, Any]]]:
+    """Fit every config on features read once: probes of one feature kind share the features and their
+    standardisation. Each report holds the fit's train loss, iterations, seconds and (with validation rows)
+    val_acc and val_loss."""
+    fitted = []
+    for features in FEATURES:
+        family = [c for c in cfgs if c.features == features]
+        if not family:
+            continue
+        f_train = probe_features(x_train, features, family[0].input_scale)
+        stats = standardisation(f_train)
+        f_val = probe_features(x_val, features, family[0].input_scale) if x_val is not None else None
+        for cfg in family:
+            start = time.perf_counter()
+            probe, report = fit_probe(cfg, f_train, y_train, stats)
+            if f_val is not None:
+                logits = (f_val - probe.params["mean"]) * probe.params["inv_std"] @ probe.params["weight"]
+                logits = logits + probe.params["bias"]
+                loss, _ = softmax_cross_entropy(logits.astype(np.float64), y_val)
+                report.update(val_acc=float(np.mean(logits.argmax(1) == y_val)), val_loss=float(loss))
+            report["seconds"] = time.perf_counter() - start
+            name = probe_name(cfg)
+            fitted.append((name, probe, report))
+            log(f"{name}: {report['iterations']} L-BFGS iterations, val_acc "
+                f"{report.get('val_acc', float('nan')):.3f} ({report['seconds']:.1f}s)")
+    return fitted
+
+
+# ---- the kind ---------------------------------------------------------------------------------------------
+
+
+def from_checkpoint(ckpt: Checkpoint, path: str | Path) -> Probe:
+    where = str(path)
+    try:
+        cfg = ProbeConfig.from_dict(ckpt.config)
+    except (KeyError, TypeError, ValueError) as e:
+        raise FormatError(f"{where}: checkpoint config or weights do not form a probe ({e})") from None
+    weight = ckpt.params.get("weight")
+    outputs = weight.shape[-1] if weight is not None and weight.ndim == 2 else None
+    check_record(ckpt, where, cfg.num_classes, outputs, (cfg.dim, cfg.tokens, cfg.groups))
+    try:
+        return Probe(cfg, {k: np.asarray(v, dtype=np.float32) for k, v in ckpt.params.items()})
+    except (KeyError, TypeError, ValueError) as e:
+        raise FormatError(f"{where}: checkpoint config or weights do not form a probe ({e})") from None
+
+
+def parameter_count(cfg: ProbeConfig) -> int:
+    return cfg.width * cfg.num_classes + cfg.num_classes
+
+
+def inference_bytes(cfg: ProbeConfig, batch: int) -> int:
+    """Weights and statistics once, one chunk's probe features and logits."""
+    return 4 * (parameter_count(cfg) + 2 * cfg.width + batch * (cfg.width + cfg.num_classes))
+
+
+def describe(cfg: ProbeConfig) -> str:
+    return f"probe ({cfg.features}, l2={cfg.l2:g})"
+
+
+def memory_bytes(cfg: ProbeConfig, rows: int, keeps_best: bool = False) -> tuple[int, int]:
+    """(0, bytes the fit of one probe family needs on ``rows`` rows): a fit's arrays go when it ends."""
+    return 0, fit_memory_bytes(rows, cfg)
+
+
+KIND = ModelKind(name="probe", trains="fit", config=ProbeConfig, build=Probe, from_checkpoint=from_checkpoint,
+                 memory_bytes=memory_bytes, inference_bytes=inference_bytes,
+                 shipped_values=lambda cfg: cfg.shipped_values(), describe=describe,
+                 parameter_count=parameter_count, reads=lambda cfg: Probe.reads, fit=fit_family)

@@ -1,21 +1,18 @@
 """Training progress: a live bar on a terminal, periodic lines in a log, per-step records in metrics.jsonl.
 
 The trainer wraps each epoch's batch indices with ``progress(batches, epoch)``. This module's generator runs
-between two steps, when the previous step is complete, and reads the trainer's running sums: it adds no work
-to the step and needs no hook inside the loop.
+between two steps, when the previous step is complete, and reads the public counters of the run and of its
+member (``Trainer.state``, ``Member.state``): it adds no work to the step and needs no hook inside the loop.
+Step records go through the run's ``MetricsLog``.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TextIO
 
-from .optim import lr_schedule
-
-MODES = ("auto", "bar", "lines", "none")
 BAR_WIDTH = 24
 REDRAW_S = 0.1  # a bar redrawn more often only costs terminal time
 
@@ -42,21 +39,23 @@ class TrainProgress:
 
     def __call__(self, batches: Iterable[int], epoch: int) -> Iterator[int]:
         t = self.trainer
-        start, seen0 = time.perf_counter(), t.state["seen"]
-        before_loss, before_seen = t.state["loss_sum"], t.state["seen"]
+        member = t.members[0]
+        start, seen0 = time.perf_counter(), member.state["seen"]
+        before_loss, before_seen = member.state["loss_sum"], member.state["seen"]
         for b in batches:
             yield b
-            # The step for batch b is done: the trainer's sums include it.
-            s = t.state
+            # The step for batch b is done: the member's sums include it.
+            s = member.state
             batch_loss = (s["loss_sum"] - before_loss) / max(s["seen"] - before_seen, 1)
             before_loss, before_seen = s["loss_sum"], s["seen"]
             now = time.perf_counter()
-            info = {"epoch": epoch + 1, "batch": b + 1, "step": s["step"], "loss": batch_loss,
-                    "running_loss": s["loss_sum"] / max(s["seen"], 1), "lr": self._lr(s["step"] - 1),
+            step = t.state["step"]
+            info = {"epoch": epoch + 1, "batch": b + 1, "step": step, "loss": batch_loss,
+                    "running_loss": s["loss_sum"] / max(s["seen"], 1), "lr": member.recipe.lr_at(step - 1),
                     "images_per_s": (s["seen"] - seen0) / max(now - start, 1e-9)}
-            every = self.log_every and s["step"] % self.log_every == 0
+            every = self.log_every and step % self.log_every == 0
             if self.step_records and (every or not self.log_every):
-                self._record(info)
+                t.metrics.add_step({"kind": "step", **info})
             if every and self.mode != "none":
                 self._clear()
                 self.log(self._text(info, bar=False))
@@ -65,10 +64,6 @@ class TrainProgress:
                 self.stream.write("\r\x1b[K" + self._text(info, bar=True))
                 self.stream.flush()
         self._clear()  # the trainer's epoch line takes the bar's place
-
-    def _lr(self, step: int) -> float:
-        t = self.trainer
-        return lr_schedule(step, t.total_steps, t.opts.lr, t.warmup_steps, t.opts.min_lr)
 
     def _text(self, info: dict, bar: bool) -> str:
         t = self.trainer
@@ -85,17 +80,6 @@ class TrainProgress:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
             self._drawn = 0.0
-
-    def _record(self, info: dict) -> None:
-        from .train import METRICS
-
-        t = self.trainer
-        line = json.dumps({"kind": "step", **info}) + "\n"
-        if t._truncate_metrics:  # --overwrite: held back until the first epoch's checkpoints replace the old run's
-            t._pending_metrics.append(line)
-            return
-        with open(t.run_dir / METRICS, "a") as f:
-            f.write(line)
 
 
 def rows_progress(total: int, mode: str, label: str, stream: TextIO | None = None,

@@ -28,6 +28,9 @@ import numpy as np
 from mist.formats import FormatError, Manifest, check_compatible
 from mist.formats.served import LAYOUT_HEADER, decode_features
 
+from .predictions import format_predictions, top_classes
+from .record import training_layout
+
 TOKEN_ENV = "MIST_SERVE_TOKEN"
 TIMEOUT_S = 120.0  # a whole request: a busy CPU server forwards 16 Lite0 images in a few seconds
 MAX_LAYOUT_BYTES = 1 << 20
@@ -168,42 +171,17 @@ def predict_images(model: Any, classes: list[str], server: RemoteBackbone, image
                 raise click.ClickException(f"{name}: {e.strerror or e.__class__.__name__}") from None
         features = server.features(files)
         logits = model.forward(features.astype(model.dtype, copy=False), keep_cache=False)
-        z = logits - logits.max(1, keepdims=True)
-        probs = np.exp(z) / np.exp(z).sum(1, keepdims=True)
-        top = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
-        for i, name in enumerate(names):
-            records.append({"image": name, "prediction": classes[top[i, 0]],
-                            "top": [{"class": classes[c], "p": round(float(probs[i, c]), 6)} for c in top[i]]})
+        records += [{"image": name, **top} for name, top in zip(names, top_classes(logits, classes, top_k))]
     return records
 
 
 def run(ckpt: Any, model: Any, checkpoint: Path, url: str, images: list[str], token: str | None,
         ca_cert: str | None, top_k: int, fmt: str) -> tuple[str, int]:
     """``predict --server``: check the server against the checkpoint, classify ``images``; (text, count)."""
-    from .train import layout_of
-
     server = RemoteBackbone(url, token, ca_cert)
-    check_server(server, layout_of(ckpt.feature_set, str(checkpoint)), checkpoint)
+    check_server(server, training_layout(ckpt.feature_set, str(checkpoint)), checkpoint)
     records = predict_images(model, ckpt.classes, server, images, top_k)
-    return format_records(records, top_k, fmt), len(records)
-
-
-def format_records(records: list[dict[str, Any]], top_k: int, fmt: str) -> str:
-    """JSON, or CSV with the columns ``predict`` writes for a feature set (``image`` in place of id, label)."""
-    if fmt == "json":
-        return json.dumps(records, indent=1) + "\n"
-    header = ["image", "prediction"] + [f"{kind}{j + 1}" for j in range(top_k) for kind in ("class", "p")]
-    lines = [",".join(header)]
-    for r in records:
-        cells = [_csv(r["image"]), _csv(r["prediction"])]
-        for t in r["top"]:
-            cells += [_csv(t["class"]), f"{t['p']:.6f}"]
-        lines.append(",".join(cells))
-    return "\n".join(lines) + "\n"
-
-
-def _csv(value: str) -> str:
-    return f'"{value.replace(chr(34), chr(34) * 2)}"' if any(c in value for c in ',"\n') else value
+    return format_predictions(records, ["image"], top_k, fmt), len(records)
 
 
 def _error_text(e: urllib.error.HTTPError) -> str:

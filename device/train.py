@@ -1,39 +1,43 @@
-"""The training loop: stream minibatches from a feature set, step the LAE with AdamW, keep checkpoints.
+"""The one training loop, for one adaptor (``mist-device train``) and for a search (``--grid``,
+``--model probe|auto``) alike.
 
-One readable loop (nanoGPT style). Everything resume needs lives in the checkpoint: weights, AdamW moments,
-step, position in the epoch, the running epoch metrics and the best validation score. The shuffle order is
-a pure function of (seed, epoch), so (seed, epoch, batch) *is* the RNG state, and a run resumed after a
-kill -9 replays exactly the batches it would have seen.
+A run trains its members side by side (one member for a plain run) through ``step.train_step``, on batches
+that device/data.py prepares once for all of them; models that are fitted instead (the probe) are fitted
+once, before the first epoch, on rows read once. Each epoch ends with one pass over the validation rows,
+shared by every member, and one state checkpoint (run_state.py) that holds everything resume needs. The
+shuffle order of epoch e is a pure function of (seed, e), so (seed, epoch, batch) *is* the random state and
+a run resumed after kill -9 replays exactly the batches it would have seen.
+
+Each member keeps its best epoch on validation (without validation rows: its lowest training loss);
+``patience`` stops a member that has not improved for that many epochs.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mist.formats import Checkpoint, FeatureSet, FormatError, Manifest, load_checkpoint, save_checkpoint
-from mist.formats.atomic import atomic_write_bytes
+from mist.formats import FeatureSet
 
-from .checkpoint_check import adaptor_config
-from .fast_lae import FastLAE, build_model
-from .lae import LAE, LAEConfig, flops_per_image, init_params, loss_and_grads
-from .optim import AdamW, clip_grad_norm, lr_schedule
-from .readahead import read_batches
-from .schedule import warmup_steps
+from . import run_state
+from .data import batches, needs_of, read_rows, split_rows
+from .errors import TrainingError
+from .evaluation import eval_chunk_rows
+from .kinds import KINDS, kind_for_config
+from .lae import LAEConfig
+from .layers import softmax_cross_entropy
+from .optim import AdamW, warmup_steps
+from .run_state import Fitted, Member
+from .step import NonFiniteLoss, Recipe, train_step
 
-LAST, BEST, METRICS = "last.safetensors", "best.safetensors", "metrics.jsonl"
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (bad data, non-finite loss); the message is one line for the CLI."""
+__all__ = ["Trainer", "TrainOptions", "TrainingError", "Member", "build_config"]
 
 
 @dataclass
@@ -53,96 +57,6 @@ class TrainOptions:
     val_seed: int | None = None  # seeds the --val-split draw; None: the same as seed
 
 
-def split_rows(fs: FeatureSet, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out a seeded, per-class fraction of labelled rows for validation."""
-    labelled = np.nonzero(fs.labels >= 0)[0]
-    if val_split <= 0 or len(labelled) == 0:
-        return labelled, np.zeros(0, np.int64)
-    rng = np.random.default_rng([seed, 7919])
-    val = []
-    for c in np.unique(fs.labels[labelled]):
-        rows = labelled[fs.labels[labelled] == c]
-        take = int(round(len(rows) * val_split))
-        val.append(rng.permutation(rows)[:take])
-    val_rows = np.sort(np.concatenate(val))
-    return np.setdiff1d(labelled, val_rows), val_rows
-
-
-def read_finite(fs: FeatureSet, rows: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Features of ``rows``, refusing NaN or inf: a corrupt map would otherwise become silent garbage."""
-    x = fs.read(rows, dtype=dtype)
-    finite = np.isfinite(x).reshape(len(rows), -1).all(axis=1)
-    if not finite.all():
-        raise TrainingError(f"{fs.directory}: non-finite values in the features of rows {rows[~finite][:5].tolist()}")
-    return x
-
-
-def _raise_nonfinite(fs: FeatureSet) -> Callable[[np.ndarray], None]:
-    def fail(rows: np.ndarray) -> None:
-        raise TrainingError(f"{fs.directory}: non-finite values in the features of rows {rows[:5].tolist()}")
-
-    return fail
-
-
-# Evaluation reads at most this many bytes of float32 features per forward, whatever --batch-size says:
-# its memory is then bounded by the set's row shape alone (see eval_chunk_rows).
-EVAL_CHUNK_BYTES = 16 << 20
-
-
-def eval_chunk_rows(cfg: LAEConfig, batch_size: int) -> int:
-    """Rows per evaluation forward: batch_size, capped so the float32 maps stay under EVAL_CHUNK_BYTES."""
-    return max(1, min(batch_size, EVAL_CHUNK_BYTES // (4 * cfg.groups * cfg.tokens * cfg.dim)))
-
-
-def evaluate_rows(model: LAE, fs: FeatureSet, rows: np.ndarray, batch_size: int = 128,
-                  label_smoothing: float = 0.0, progress: Callable | None = None) -> dict[str, Any]:
-    """Forward over ``rows`` in batches; return loss, accuracy, predictions and logits.
-
-    ``progress(starts, batch_size)`` wraps the batch start offsets (a bar, see ``progress.py``). A FastLAE
-    reads ahead and reuses its buffers, in chunks of at most eval_chunk_rows rows (the bar counts chunks
-    as they are read, one ahead of the forward)."""
-    from .layers import softmax_cross_entropy
-
-    logits_all, loss_sum = [], 0.0
-    step = eval_chunk_rows(model.cfg, batch_size) if isinstance(model, FastLAE) else batch_size
-    starts = range(0, len(rows), step)
-    starts = progress(starts, step) if progress else starts
-    if isinstance(model, FastLAE):
-        batches = read_batches(model, fs, (rows[b:b + step] for b in starts), _raise_nonfinite(fs))
-    else:
-        batches = ((rows[b:b + step], read_finite(fs, rows[b:b + step], model.dtype)) for b in starts)
-    for pick, x in batches:
-        logits = model.forward(x, keep_cache=False)
-        labels = fs.labels[pick]
-        if np.all(labels >= 0):
-            loss, _ = softmax_cross_entropy(logits, labels, label_smoothing)
-            loss_sum += float(loss) * len(pick)
-        logits_all.append(logits)
-    logits = np.concatenate(logits_all) if logits_all else np.zeros((0, model.cfg.num_classes))
-    labels = fs.labels[rows]
-    preds = logits.argmax(axis=1) if len(logits) else np.zeros(0, np.int64)
-    return {
-        "loss": loss_sum / max(len(rows), 1),
-        "accuracy": float(np.mean(preds == labels)) if len(rows) else float("nan"),
-        "predictions": preds,
-        "logits": logits,
-        "labels": labels,
-    }
-
-
-def feature_set_record(fs: FeatureSet) -> dict[str, Any]:
-    """What a checkpoint remembers of its training set: identity plus layout, for compatibility checks."""
-    layout = fs.manifest.with_shards([], complete=False).to_json()
-    return {"fingerprint": fs.fingerprint, "directory": str(fs.directory), "layout": layout}
-
-
-def layout_of(record: dict[str, Any], source: str) -> Manifest:
-    try:
-        return Manifest.from_json(record["layout"], source=f"{source} (feature_set layout)")
-    except (KeyError, TypeError):
-        raise FormatError(f"{source}: checkpoint lacks the feature-set layout") from None
-
-
 def build_config(fs: FeatureSet, **overrides: Any) -> LAEConfig:
     m = fs.manifest
     cfg = LAEConfig(dim=m.dim, tokens=m.tokens, groups=m.k, num_classes=len(m.classes), **overrides)
@@ -153,178 +67,196 @@ def build_config(fs: FeatureSet, **overrides: Any) -> LAEConfig:
 
 
 class Trainer:
+    """Train ``members`` (name -> (config, options) of models trained by steps) and fit ``fitted`` (configs of
+    fitted kinds) on ``train_set``. ``search`` names the run's files: a plain run keeps last/best/metrics, a
+    search grid-last, members/ and grid.json (device/grid.py chooses its winner)."""
+
     def __init__(self, run_dir: str | Path, train_set: FeatureSet, val_set: FeatureSet | None,
-                 cfg: LAEConfig, opts: TrainOptions, log: Callable[[str], None] = print):
+                 cfg: Any, opts: TrainOptions, log: Callable[[str], None] = print,
+                 members: dict[str, tuple[Any, TrainOptions]] | None = None, fitted: list[Any] = (),
+                 search: bool = False, patience: int = 0):
         self.run_dir, self.train_set, self.val_set = Path(run_dir), train_set, val_set
-        self.cfg, self.opts, self.log = cfg, opts, log
+        self.opts, self.log, self.search, self.patience = opts, log, search, patience
         if len(train_set) == 0:
             raise TrainingError(f"{train_set.directory}: the training set is empty")
         split_seed = opts.seed if opts.val_seed is None else opts.val_seed
-        self.train_rows, self.val_rows = split_rows(train_set, opts.val_split, split_seed)
-        if len(self.train_rows) == 0:
-            raise TrainingError(f"{train_set.directory}: no labelled rows to train on")
+        self.train_rows, self.val_rows = split_rows(train_set.labels, opts.val_split, split_seed)
         if val_set is not None:
             self.val_rows = np.nonzero(val_set.labels >= 0)[0]
+        if len(self.train_rows) == 0:
+            raise TrainingError(f"{train_set.directory}: no labelled rows to train on")
+        specs = {"lae-defaults": (cfg, opts)} if members is None else members
+        if len(self.val_rows) == 0 and len(specs) + len(fitted) > 1:
+            raise TrainingError("choosing among several models needs validation rows: pass --val-split or --val")
         self.steps_per_epoch = math.ceil(len(self.train_rows) / opts.batch_size)
         self.total_steps = self.steps_per_epoch * opts.epochs
         self.warmup_steps, self.warmup_warning = warmup_steps(opts.warmup_epochs, opts.warmup_fraction,
                                                               self.steps_per_epoch, self.total_steps)
-        self.model = build_model(cfg, init_params(cfg, opts.seed))
-        self.optimizer = AdamW(self.model.params, lr=opts.lr, weight_decay=opts.weight_decay)
-        self._truncate_metrics = False
-        self._pending_metrics: list[str] = []  # step records of an --overwrite run's first epoch (progress.py)
-        self.state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "best_val": None,
-                                      "loss_sum": 0.0, "correct": 0, "seen": 0, "elapsed": 0.0,
+        self.members = [self._member(name, c, o) for name, (c, o) in specs.items()]
+        self.fitted_cfgs, self.fitted = list(fitted), []
+        self.input_scale = cfg.input_scale  # baked into the prepared maps every member shares
+        self.state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "elapsed": 0.0,
                                       # Tags this run's metrics lines, so a resume never keeps another run's.
                                       "run": secrets.token_hex(8)}
+        self.metrics = run_state.MetricsLog(self.run_dir / run_state.METRICS)
+        self.stale: list[Path] = []  # an earlier run's files this run removes once its first state is written
+        self.state_path = self.run_dir / (run_state.GRID_STATE if search else run_state.LAST)
 
-    # ---- checkpoints ----
+    def _member(self, name: str, cfg: Any, opts: TrainOptions) -> Member:
+        kind = kind_for_config(cfg)
+        model = kind.build(cfg, kind.init(cfg, opts.seed))
+        recipe = Recipe(lr=opts.lr, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+                        min_lr=opts.min_lr, label_smoothing=opts.label_smoothing, grad_clip=opts.grad_clip)
+        best = {k: v.copy() for k, v in model.params.items()} if self.search else None
+        return Member(name, cfg, opts, model, AdamW(model.params, lr=opts.lr, weight_decay=opts.weight_decay),
+                      recipe, best)
 
-    def checkpoint(self) -> Checkpoint:
-        return Checkpoint(
-            params=self.model.params, config=self.cfg.to_dict(), classes=self.train_set.manifest.classes,
-            feature_set=feature_set_record(self.train_set), optimizer=self._optimizer_tensors(),
-            train_state={**self.state, "options": asdict(self.opts), "shuffle": {
-                "seed": self.opts.seed, "epoch": self.state["epoch"], "batch": self.state["batch"]}},
-        )
-
-    def _optimizer_tensors(self) -> dict[str, np.ndarray]:
-        # AdamW's step count equals the trainer's step, which train_state already holds.
-        return {k: v for k, v in self.optimizer.state_dict().items() if k != "step"}
-
-    def resume(self, path: Path) -> None:
-        try:
-            self._resume(path)
-        except (KeyError, TypeError, AttributeError, ValueError) as e:
-            if isinstance(e, FormatError):
-                raise
-            raise FormatError(f"{path}: not a usable resumable checkpoint ({e.__class__.__name__}: {e})") from None
-
-    def _resume(self, path: Path) -> None:
-        ckpt = load_checkpoint(path)
-        adaptor_config(ckpt, path)  # metadata and weights agree before any weight is copied in
-        if not ckpt.resumable:
-            raise FormatError(f"{path}: not a resumable checkpoint (no train_state)")
-        if ckpt.feature_set.get("fingerprint") != self.train_set.fingerprint:
-            raise FormatError(f"{path}: was trained on a different feature set than {self.train_set.directory}")
-        saved = ckpt.train_state.get("options", {})
-        defaults = asdict(TrainOptions())  # an option added since the checkpoint was written had its default
-        for key, value in asdict(self.opts).items():
-            if key != "save_every" and saved.get(key, defaults[key]) != value:
-                raise FormatError(f"{path}: was started with {key}={saved.get(key)!r}, now {value!r}; "
-                                  "resume with the same options")
-        if LAEConfig.from_dict(ckpt.config) != self.cfg:
-            raise FormatError(f"{path}: adaptor config differs from the one asked for; resume with the same options")
-        for name, value in ckpt.params.items():
-            self.model.params[name][...] = value
-        self.optimizer.load_state_dict({**ckpt.optimizer, "step": ckpt.train_state["step"]})
-        self.state = {k: v for k, v in ckpt.train_state.items() if k not in ("options", "shuffle")}
+    @property
+    def model(self) -> Any:
+        """The model of a plain run (its one member)."""
+        return self.members[0].model
 
     # ---- the loop ----
 
-    def fit(self, resume: bool = False, overwrite: bool = False,
-            progress: Callable | None = None) -> dict[str, Any]:
+    def fit(self, resume: bool = False, overwrite: bool = False, progress: Callable | None = None) -> dict[str, Any]:
+        if resume and overwrite:
+            raise ValueError("--resume and --overwrite exclude each other")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        last = self.run_dir / LAST
-        if resume and last.exists():
-            self.resume(last)
-            _drop_metrics_after(self.run_dir / METRICS, self.state["epoch"], self.state.get("run"))
-            self.log(f"resumed from {last} at epoch {self.state['epoch'] + 1}, step {self.state['step']}")
-        elif resume:  # killed before the first checkpoint: nothing to resume, start clean
-            _drop_metrics_after(self.run_dir / METRICS, 0)
+        if resume and self.state_path.exists():
+            run_state.resume(self, self.state_path)
+            self.metrics.drop_after(self.state["epoch"], self.state.get("run"))
+            self.log(f"resumed {'the grid ' if self.search else ''}from {self.state_path} at epoch "
+                     f"{self.state['epoch'] + 1}, step {self.state['step']}")
+        elif resume:
+            run_state.refuse_other_run(self.run_dir, self.search)
+            self.metrics.drop_after(0)
             self.log(f"no checkpoint in {self.run_dir} yet; starting from the beginning")
-        elif last.exists() and not overwrite:
+        elif run_state.holds_run(self.run_dir) and not overwrite:
             raise TrainingError(f"{self.run_dir} already holds a run; pass --resume to continue it "
                                 "or --overwrite to start again")
         else:
-            # Old checkpoints stay until this run's first epoch replaces them; old metrics likewise.
-            self._truncate_metrics = True
-        opts, flops = self.opts, flops_per_image(self.cfg)
-        while self.state["epoch"] < opts.epochs:
-            epoch, start_batch = self.state["epoch"], self.state["batch"]
-            order = self.train_rows[np.random.default_rng([opts.seed, epoch]).permutation(len(self.train_rows))]
-            batches = range(start_batch, self.steps_per_epoch)
-            t0 = time.perf_counter()
-            images = 0
-            # The next batch is read and cast in a background thread while this one trains.
-            ahead = read_batches(self.model, self.train_set,
-                                 (order[b * opts.batch_size:(b + 1) * opts.batch_size] for b in batches),
-                                 _raise_nonfinite(self.train_set))
-            for b in progress(batches, epoch) if progress else batches:
-                rows, x = next(ahead)
-                y = self.train_set.labels[rows]
-                with np.errstate(over="ignore", invalid="ignore"):  # non-finite results are caught just below
-                    loss, grads, logits = loss_and_grads(self.model, x, y, opts.label_smoothing)
-                if not math.isfinite(loss):
-                    raise TrainingError(f"non-finite loss at epoch {epoch + 1}, step {self.state['step']} "
-                                        f"(try a lower --lr); checkpoints in {self.run_dir} were kept")
-                clip_grad_norm(grads, opts.grad_clip)
-                lr = lr_schedule(self.state["step"], self.total_steps, opts.lr, self.warmup_steps, opts.min_lr)
-                self.optimizer.step(grads, lr=lr)
-                self.state["step"] += 1
-                self.state["batch"] = b + 1
-                self.state["loss_sum"] += float(loss) * len(rows)
-                self.state["correct"] += int(np.sum(logits.argmax(1) == y))
-                self.state["seen"] += len(rows)
-                images += len(rows)
-                if opts.save_every and self.state["step"] % opts.save_every == 0 and b + 1 < self.steps_per_epoch:
-                    self.state["elapsed"] += time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    save_checkpoint(last, self.checkpoint())
-            ahead.close()
-            seconds = time.perf_counter() - t0
-            self.state["elapsed"] += seconds
-            record = self._end_epoch(epoch, lr, images / max(seconds, 1e-9), flops)
-            self.log(_epoch_line(record, opts.epochs))
-        return self._summary()
+            # Old files stay until this run's first checkpoint replaces them; old metrics likewise.
+            self.metrics.replace_on_next_epoch()
+            self.stale = run_state.stale_files(self.run_dir, self.search)
+        if len(self.fitted) < len(self.fitted_cfgs):
+            self._fit_models()
+            run_state.save(self)
+        while self.state["epoch"] < self.opts.epochs and any(not m.state["stopped"] for m in self.members):
+            self._epoch(progress)
+        return {"epochs": self.state["epoch"], "steps": self.state["step"], "elapsed_s": self.state["elapsed"],
+                "best_val": self.members[0].state["best_val"] if self.members else None,
+                "run_dir": str(self.run_dir)}
 
-    def _end_epoch(self, epoch: int, lr: float, images_per_s: float, flops: float) -> dict[str, Any]:
-        s = self.state
-        record = {"epoch": epoch + 1, "step": s["step"], "lr": lr,
-                  "train_loss": s["loss_sum"] / max(s["seen"], 1), "train_acc": s["correct"] / max(s["seen"], 1),
-                  "images_per_s": images_per_s, "gflops": images_per_s * flops / 1e9,
-                  "elapsed_s": s["elapsed"]}
+    def _fit_models(self) -> None:
+        t0 = time.perf_counter()
+        x_train = read_rows(self.train_set, self.train_rows)
+        val_fs = self.val_set or self.train_set
+        x_val = read_rows(val_fs, self.val_rows) if len(self.val_rows) else None
+        y_train, y_val = self.train_set.labels[self.train_rows], val_fs.labels[self.val_rows]
+        self.fitted = []
+        for kind in KINDS.values():
+            cfgs = [c for c in self.fitted_cfgs if isinstance(c, kind.config)]
+            if cfgs:
+                self.fitted += [Fitted(*f) for f in kind.fit(cfgs, x_train, y_train, x_val, y_val, log=self.log)]
+        self.state["elapsed"] += time.perf_counter() - t0
+
+    def _epoch(self, progress: Callable | None) -> None:
+        opts, epoch = self.opts, self.state["epoch"]
+        order = self.train_rows[np.random.default_rng([opts.seed, epoch]).permutation(len(self.train_rows))]
+        active = [m for m in self.members if not m.state["stopped"]]
+        steps = range(self.state["batch"], self.steps_per_epoch)
+        t0, images, lr = time.perf_counter(), 0, 0.0
+        # Read and prepared once, in a background thread while the previous batch trains, for every member.
+        ahead = batches(self.train_set, (order[b * opts.batch_size:(b + 1) * opts.batch_size] for b in steps),
+                        needs_of(m.model for m in active), self.input_scale)
+        for b in progress(steps, epoch) if progress else steps:
+            batch = next(ahead)
+            for m in active:
+                start = time.perf_counter()
+                try:
+                    result = train_step(m.model, m.optimizer, batch.input_for(m.model), batch.labels,
+                                        self.state["step"], m.recipe)
+                except NonFiniteLoss:
+                    who = f"{m.name}: " if self.search else ""
+                    hint = "a lower lr in --grid" if self.search else "a lower --lr"
+                    raise TrainingError(f"{who}non-finite loss at epoch {epoch + 1}, step {self.state['step']} "
+                                        f"(try {hint}); checkpoints in {self.run_dir} were kept") from None
+                lr = result.lr
+                m.state["loss_sum"] += result.loss * len(batch)
+                m.state["correct"] += int(np.sum(result.logits.argmax(1) == batch.labels))
+                m.state["seen"] += len(batch)
+                m.state["seconds"] += time.perf_counter() - start
+            self.state["step"] += 1
+            self.state["batch"] = b + 1
+            images += len(batch)
+            if opts.save_every and self.state["step"] % opts.save_every == 0 and b + 1 < self.steps_per_epoch:
+                self.state["elapsed"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                run_state.save(self)
+        ahead.close()
+        batch = None  # the last batch's buffers go before validation allocates its own
+        seconds = time.perf_counter() - t0
+        improved = self._validate(active, epoch)
+        self.state.update(epoch=epoch + 1, batch=0)
+        self.state["elapsed"] += time.perf_counter() - t0
+        record = self._record(epoch, lr, images / max(seconds, 1e-9)) if not self.search else None
+        run_state.save(self, record=record, improved=bool(improved))
+        self.log(_epoch_line(record, opts.epochs) if record else _search_line(active, epoch, opts.epochs))
+
+    def _validate(self, active: list[Member], epoch: int) -> list[Member]:
+        """Every active member on the validation rows (read once), then its best epoch and patience."""
+        fs = self.val_set or self.train_set
+        loss_sum = {m.name: 0.0 for m in active}
+        correct = {m.name: 0 for m in active}
         if len(self.val_rows):
-            val = evaluate_rows(self.model, self.val_set or self.train_set, self.val_rows)
-            record.update(val_loss=val["loss"], val_acc=val["accuracy"])
-            score = val["accuracy"]
-        else:
-            score = -record["train_loss"]  # without validation, "best" is the lowest training loss
-        improved = s["best_val"] is None or score > s["best_val"]
-        s.update(epoch=epoch + 1, batch=0, loss_sum=0.0, correct=0, seen=0)
-        if improved:
-            s["best_val"] = score
-        if s.get("run"):
-            record["run"] = s["run"]
-        ckpt = self.checkpoint()
-        line = json.dumps(record) + "\n"
-        if self._truncate_metrics:
-            # --overwrite: the old run's metrics stay whole until this run's checkpoints have replaced the old
-            # ones, then one atomic rename swaps them; a kill in between leaves lines tagged with the old
-            # run, which a resume drops.
-            if improved:
-                save_checkpoint(self.run_dir / BEST, ckpt)
-            save_checkpoint(self.run_dir / LAST, ckpt)
-            atomic_write_bytes(self.run_dir / METRICS, ("".join(self._pending_metrics) + line).encode())
-            self._pending_metrics = []
-            self._truncate_metrics = False
-            return record
-        try:
-            with open(self.run_dir / METRICS, "a") as f:
-                f.write(line)
-        except OSError as e:  # a full disk fails in write() or close(), with no file name of its own
-            raise OSError(e.errno, e.strerror or str(e), str(self.run_dir / METRICS)) from None
-        # best before last: a kill between the two leaves `last` at the previous epoch, so the resumed run
-        # replays this epoch and writes `best` again; the other order would lose this epoch's best for good.
-        if improved:
-            save_checkpoint(self.run_dir / BEST, ckpt)
-        save_checkpoint(self.run_dir / LAST, ckpt)
+            chunk = eval_chunk_rows(active[0].cfg, 128)
+            for batch in batches(fs, (self.val_rows[b:b + chunk] for b in range(0, len(self.val_rows), chunk)),
+                                 needs_of(m.model for m in active), self.input_scale):
+                for m in active:
+                    logits = m.model.forward(batch.input_for(m.model), keep_cache=False)
+                    loss, _ = softmax_cross_entropy(logits, batch.labels)
+                    loss_sum[m.name] += float(loss) * len(batch)
+                    correct[m.name] += int(np.sum(logits.argmax(1) == batch.labels))
+        improved = []
+        n = max(len(self.val_rows), 1)
+        for m in active:
+            s = m.state
+            s["epochs_trained"] = epoch + 1
+            s["last_train_loss"] = s["loss_sum"] / max(s["seen"], 1)
+            s["last_train_acc"] = s["correct"] / max(s["seen"], 1)
+            if len(self.val_rows):
+                s["last_val_acc"], s["last_val_loss"] = correct[m.name] / n, loss_sum[m.name] / n
+                acc, loss = s["last_val_acc"], s["last_val_loss"]
+            else:  # without validation, "best" is the lowest training loss
+                acc, loss = -s["last_train_loss"], s["last_train_loss"]
+            s.update(loss_sum=0.0, correct=0, seen=0)
+            if s["best_val"] is None or acc > s["best_val"]:
+                s.update(best_val=acc, best_loss=loss, best_epoch=epoch + 1, bad_epochs=0)
+                if m.best is not None:
+                    for k, v in m.model.params.items():
+                        m.best[k][...] = v
+                improved.append(m)
+            else:
+                s["bad_epochs"] += 1
+                if self.patience and s["bad_epochs"] >= self.patience:
+                    s["stopped"] = True
+                    self.log(f"{m.name}: no better on validation for {self.patience} epochs; stopped "
+                             f"after epoch {epoch + 1}")
+        return improved
+
+    def _record(self, epoch: int, lr: float, images_per_s: float) -> dict[str, Any]:
+        """A plain run's metrics.jsonl line for this epoch."""
+        from .lae import flops_per_image
+
+        m = self.members[0]
+        s = m.state
+        record = {"epoch": epoch + 1, "step": self.state["step"], "lr": lr, "train_loss": s["last_train_loss"],
+                  "train_acc": s["last_train_acc"], "images_per_s": images_per_s,
+                  "gflops": images_per_s * flops_per_image(m.cfg) / 1e9, "elapsed_s": self.state["elapsed"]}
+        if len(self.val_rows):
+            record.update(val_loss=s["last_val_loss"], val_acc=s["last_val_acc"])
+        record["run"] = self.state["run"]
         return record
-
-    def _summary(self) -> dict[str, Any]:
-        return {"epochs": self.state["epoch"], "steps": self.state["step"], "best_val": self.state["best_val"],
-                "elapsed_s": self.state["elapsed"], "run_dir": str(self.run_dir)}
-
 
 def _epoch_line(r: dict[str, Any], epochs: int) -> str:
     line = (f"epoch {r['epoch']}/{epochs}  loss {r['train_loss']:.4f}  acc {r['train_acc']:.3f}  "
@@ -334,20 +266,11 @@ def _epoch_line(r: dict[str, Any], epochs: int) -> str:
     return line
 
 
-def _drop_metrics_after(path: Path, epoch: int, run: str | None = None) -> None:
-    """A kill between the metrics line and the checkpoint leaves a line the resumed run will write again,
-    and a kill mid-line leaves half a line: keep only whole lines of epochs the checkpoint has finished,
-    and (when the checkpoint names its run) only lines of that run."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(record, dict) or (run and record.get("run", run) != run):
-            continue
-        if record.get("epoch", 0) <= epoch:
-            kept.append(line + "\n")
-    atomic_write_bytes(path, "".join(kept).encode())
+def _search_line(active: list[Member], epoch: int, epochs: int) -> str:
+    if not active:
+        return f"epoch {epoch + 1}/{epochs}"
+    leader = max(active, key=lambda m: (m.state["best_val"] or -1.0, -(m.state["best_loss"] or 0.0)))
+    if leader.state["best_val"] is None:
+        return f"epoch {epoch + 1}/{epochs}: {len(active)} adaptors trained"
+    return (f"epoch {epoch + 1}/{epochs}: {len(active)} adaptors trained, best so far {leader.name} "
+            f"val_acc {leader.state['best_val']:.3f}")

@@ -115,8 +115,8 @@ def test_bad_grid_and_memory_limit_are_one_line_errors_that_write_nothing(sets, 
     train, _ = sets
     out = tmp_path / "refused"
     r = CliRunner().invoke(main, ["train", str(train), "--out", str(out), "--grid", "lr=1e-3,3e-3 rank=4,8",
-                                  "--memory-limit", "1", "--model", "auto", "--blocks-per-group", "64", *SMALL])
-    assert r.exit_code != 0 and "--memory-limit" in r.output and "Traceback" not in r.output
+                                  "--max-memory", "1M", "--model", "auto", "--blocks-per-group", "64", *SMALL])
+    assert r.exit_code != 0 and "--max-memory" in r.output and "Traceback" not in r.output
     assert not out.exists() or not any(out.iterdir())
     r = CliRunner().invoke(main, ["train", str(train), "--out", str(out), "--grid", "depth=3", *SMALL])
     assert r.exit_code == 2 and "--grid" in r.output

@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 from digits_sets import write_digits_set
 
-from mist.device.fast_lae import FastLAE, FrozenMaps, build_model
-from mist.device.lae import LAE, LAEConfig, init_params, loss_and_grads
+from mist.device.adaptor import build as build_model
+from mist.device.data import FrozenMaps, prepare_maps
+from mist.device.evaluation import eval_chunk_rows, evaluate_rows
+from mist.device.fast_lae import FastLAE
+from mist.device.lae import LAE, LAEConfig, init_params
 from mist.device.parallel import run_chunks
-from mist.device.train import eval_chunk_rows, evaluate_rows
+from mist.device.step import loss_and_grads
 from mist.formats import FeatureSet
 
 ATOL = 1e-10
@@ -89,7 +92,7 @@ def test_float32_and_fp16_features_match_the_reference():
     out = fast.forward(x16)
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(fast.forward(fast.prepare(x16)), ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(fast.forward(prepare_maps(x16, cfg.input_scale, np.float32)), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_evaluation_forward_keeps_nothing_and_equals_the_training_forward():
@@ -128,7 +131,7 @@ def test_nonfinite_rows_are_found_from_the_statistics():
     x = np.repeat(x[:1], 4, axis=0)
     x[1, 1, 0, 0] = np.inf  # a late group: the cumulative map F_1 carries it
     x[2, 0, -1, -1] = np.nan
-    fm = FastLAE(cfg, params).prepare(x)
+    fm = prepare_maps(x, cfg.input_scale, FastLAE(cfg, params).dtype)
     assert isinstance(fm, FrozenMaps)
     assert fm.nonfinite_rows().tolist() == [1, 2]
 

@@ -19,10 +19,10 @@ from hostile import forge_checkpoint, reseal_shard, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mist.device.cli import _load_adaptor
+from mist.device.adaptor import parameter_count
 from mist.device.cli import main as device_main
+from mist.device.cli_options import load_adaptor as _load_adaptor
 from mist.device.lae import LAEConfig, count_params, init_params
-from mist.device.memory import parameter_count
 from mist.device.output import csv_line, json_text, terminal_text, utf8_safe
 from mist.device.validate import finite_float, parse_bytes
 from mist.formats import FeatureSet, FormatError

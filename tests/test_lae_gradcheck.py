@@ -13,9 +13,9 @@ from mist.device.lae import (
     count_params,
     flops_per_image,
     init_params,
-    loss_and_grads,
     param_shapes,
 )
+from mist.device.step import loss_and_grads
 
 
 def perturbed_params(cfg: LAEConfig, seed: int) -> dict[str, np.ndarray]:

@@ -9,8 +9,9 @@ torch = pytest.importorskip("torch")
 
 from torch_lae import TorchLAE, adamw_param_groups, grads_to_numpy, load_numpy_params, params_to_numpy  # noqa: E402
 
-from mist.device.lae import LAE, LAEConfig, init_params, loss_and_grads  # noqa: E402
+from mist.device.lae import LAE, LAEConfig, init_params  # noqa: E402
 from mist.device.optim import AdamW, clip_grad_norm  # noqa: E402
+from mist.device.step import loss_and_grads  # noqa: E402
 
 CASES = [
     dict(groups=1, blocks_per_group=1, pool="mean"),

@@ -1,0 +1,159 @@
+"""The LAE as a model kind: how it is built, read back from a checkpoint, and what memory it needs.
+
+The math lives in device/lae.py (the readable model, the reference) and device/fast_lae.py (the same model
+without any (B, T, d) activation, which trains and predicts); this module declares the kind (``KIND``) that
+device/kinds.py registers.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from mist.formats import Checkpoint, FormatError
+
+from .fast_lae import FastLAE
+from .lae import LAE, LAEConfig, init_params
+from .model_kind import ModelKind
+from .record import check_record
+
+_INT_FIELDS = ("dim", "tokens", "groups", "num_classes", "rank", "heads", "blocks_per_group")
+_FLOAT_FIELDS = ("input_scale", "init_std")
+_ARRAYS_PER_BLOCK, _ARRAYS_OUTSIDE_BLOCKS = 6, 4  # norm, qkv, out (weight and bias each); final norm, head
+_FLOAT = 4  # bytes: compute is float32 whatever the storage dtype
+
+
+def build(cfg: LAEConfig, params: dict[str, np.ndarray]) -> LAE | FastLAE:
+    """The model training, evaluation and prediction use: the fast path, checked against lae.LAE in tests.
+
+    A learned position table (pos_embed) is a full-rank (T, d) addition with a gradient, which the low-rank
+    rewrite does not cover: such configs get the readable LAE."""
+    if cfg.pos_embed:
+        return LAE(cfg, params)
+    return FastLAE(cfg, params)
+
+
+def config_from_checkpoint(ckpt: Checkpoint, path: str | Path) -> LAEConfig:
+    """The checkpoint's LAEConfig, once it is shown to agree with its weights, classes and training layout.
+
+    ``load_checkpoint`` (formats) checks the file and each field's JSON type; this checks what only the
+    device knows, so a forged or mismatched checkpoint is refused with one line, never used silently."""
+    where = str(path)
+    config = ckpt.config
+    if not isinstance(config, dict):
+        raise FormatError(f"{where}: checkpoint config is not an object")
+    for name in _INT_FIELDS:
+        value = config.get(name)
+        if name in config and (isinstance(value, bool) or not isinstance(value, int)):
+            raise FormatError(f"{where}: checkpoint config '{name}' must be an integer, got {value!r}")
+    for name in _FLOAT_FIELDS:
+        value = config.get(name)
+        if name in config and (isinstance(value, bool) or not isinstance(value, (int, float))
+                               or not math.isfinite(value)):
+            raise FormatError(f"{where}: checkpoint config '{name}' must be a finite number, got {value!r}")
+    if "pos_embed" in config and not isinstance(config["pos_embed"], bool):
+        raise FormatError(f"{where}: checkpoint config 'pos_embed' must be true or false, got {config['pos_embed']!r}")
+    if "pool" in config and not isinstance(config["pool"], str):
+        raise FormatError(f"{where}: checkpoint config 'pool' must be a string, got {config['pool']!r}")
+    try:
+        cfg = LAEConfig.from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise FormatError(f"{where}: checkpoint config does not form an LAE ({e})") from None
+
+    # Count before building the expected shapes: a config claiming 10**9 blocks must not make us try.
+    expected = cfg.num_blocks * _ARRAYS_PER_BLOCK + _ARRAYS_OUTSIDE_BLOCKS + int(cfg.pos_embed)
+    if len(ckpt.params) != expected:
+        raise FormatError(f"{where}: checkpoint config implies {expected} weight arrays ({cfg.num_blocks} blocks), "
+                          f"the file holds {len(ckpt.params)}")
+    head = ckpt.params.get("head.weight")
+    outputs = head.shape[-1] if head is not None and head.ndim == 2 else None
+    layout = check_record(ckpt, where, cfg.num_classes, outputs, (cfg.dim, cfg.tokens, cfg.groups))
+    if cfg.pool == "cls" and layout.prefix_tokens < 1:
+        raise FormatError(f"{where}: checkpoint pools the class token, but its training set has none")
+    return cfg
+
+
+def from_checkpoint(ckpt: Checkpoint, path: str | Path) -> LAE | FastLAE:
+    cfg = config_from_checkpoint(ckpt, path)
+    try:
+        return build(cfg, {k: np.asarray(v, dtype=np.float32) for k, v in ckpt.params.items()})
+    except (KeyError, TypeError, ValueError) as e:
+        raise FormatError(f"{path}: checkpoint config or weights do not form an LAE ({e})") from None
+
+
+def parameter_count(cfg: LAEConfig) -> int:
+    """The same number as ``count_params(init_params(cfg))``, without building the arrays."""
+    d, r, C = cfg.dim, cfg.rank, cfg.num_classes
+    per_block = 2 * d + d * 3 * r + 3 * r + r * d + d
+    return cfg.num_blocks * per_block + 2 * d + d * C + C + (cfg.tokens * d if cfg.pos_embed else 0)
+
+
+# ---- memory: what the fast path really keeps (fast_lae.py), in float32 -----------------------------------
+# Measured against peak RSS by tests/test_device_memory.py at two shapes.
+
+
+def _fast_step_floats(cfg: LAEConfig, batch: int) -> tuple[int, int]:
+    """Floats FastLAE holds between steps (its reused buffers: O and each block's attention maps), and the
+    floats one step adds at its peak (the end of its forward and the start of its backward): each group's
+    projection GEMM Y and its centred part G, the backward's dO, every block's dqkv, a group's F^T cols
+    operand, and the temporaries of the dO and var_z updates."""
+    T, r, h, nb, bpg = cfg.tokens, cfg.rank, cfg.heads, cfg.num_blocks, cfg.blocks_per_group
+    NR = nb * (r + 1)
+    held = batch * T * (NR + nb * h * T)
+    step = 0
+    for j in range(cfg.groups):
+        read = nb if j == cfg.groups - 1 else max(0, (j + 1) * bpg - 1)
+        step += bpg * 3 * r + 2 * read * (r + 1)  # Y = F [A | W^T] and G
+    step += NR + 3 * r * nb + bpg * 3 * r + NR + 3 * NR  # dO, every dqkv, cols, temporaries
+    return held, batch * T * step
+
+
+def _readable_step_floats(cfg: LAEConfig, batch: int) -> int:
+    """Floats the readable LAE (the pos_embed fallback) keeps until its next forward: every block's LayerNorm
+    and attention caches."""
+    T, d, r, h = cfg.tokens, cfg.dim, cfg.rank, cfg.heads
+    per_block = 3 * T * d + 5 * T * r + 2 * h * T * T
+    return batch * (max(cfg.num_blocks, 1) * per_block + 4 * T * d)
+
+
+def memory_bytes(cfg: LAEConfig, batch: int, keeps_best: bool = True) -> tuple[int, int]:
+    """(bytes one adaptor holds for the whole run, bytes its step adds while it runs), beyond the batch itself
+    (memory.batch_bytes counts that): weights, gradients, two AdamW moments, the best epoch's copy, and the
+    activations of a step."""
+    weights = _FLOAT * (5 if keeps_best else 4) * parameter_count(cfg)
+    if cfg.pos_embed:
+        return weights + _FLOAT * _readable_step_floats(cfg, batch), 0
+    held, step = _fast_step_floats(cfg, batch)
+    return weights + _FLOAT * held, _FLOAT * step
+
+
+def inference_bytes(cfg: LAEConfig, batch: int) -> int:
+    """Bytes to run the adaptor over chunks of ``batch`` rows: weights once and one chunk's activations
+    (evaluation reuses one attention buffer for every block)."""
+    T, r, h, NR = cfg.tokens, cfg.rank, cfg.heads, cfg.num_blocks * (cfg.rank + 1)
+    if cfg.pos_embed:
+        step = _readable_step_floats(cfg, batch) // max(cfg.num_blocks, 1)
+    else:
+        step = batch * (T * (NR + 2 * 3 * r * cfg.blocks_per_group + 2 * NR) + h * T * T)
+    return _FLOAT * (parameter_count(cfg) + step)
+
+
+def describe(cfg: LAEConfig) -> str:
+    return (f"LAE (blocks/group={cfg.blocks_per_group}, rank={cfg.rank}, heads={cfg.heads}"
+            f"{', pos_embed' if cfg.pos_embed else ''})")
+
+
+def shipped_values(cfg: LAEConfig) -> int:
+    """The adaptor reads every token of every map."""
+    return cfg.groups * cfg.tokens * cfg.dim
+
+
+def reads(cfg: LAEConfig) -> str:
+    return "features" if cfg.pos_embed else "maps"  # as build: the readable LAE, or the fast path
+
+
+KIND = ModelKind(name="lae", trains="steps", config=LAEConfig, build=build, from_checkpoint=from_checkpoint,
+                 memory_bytes=memory_bytes, inference_bytes=inference_bytes, shipped_values=shipped_values,
+                 describe=describe, parameter_count=parameter_count, reads=reads, init=init_params)

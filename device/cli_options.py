@@ -1,0 +1,89 @@
+"""What the ``mist-device`` commands share: the --threads and --progress options, opening sets and
+checkpoints, the memory check before an evaluation, and writing a command's text output.
+
+click only at module level: NumPy loads inside the functions, after ``--threads`` has set the BLAS thread
+count.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .output import terminal_text
+from .threads import set_blas_threads
+from .validate import require_memory
+
+
+def open_set(path: str, verify: bool = False):
+    from mist.formats import FeatureSet
+
+    return FeatureSet(path, verify=verify)
+
+
+def threads_option(f):
+    def apply(ctx: click.Context, _param: click.Parameter, value: int | None) -> int | None:
+        if value is not None:
+            try:
+                set_blas_threads(value)
+            except ValueError as e:
+                raise click.BadParameter(str(e), ctx=ctx) from None
+        return value
+
+    return click.option("--threads", type=click.IntRange(1, 1024), default=None, callback=apply, expose_value=False,
+                        is_eager=True, help="BLAS threads (a Raspberry Pi: 1-4). Default: the BLAS default.")(f)
+
+
+def progress_option(f):
+    return click.option("--progress", type=click.Choice(["auto", "bar", "lines", "none"]), default="auto",
+                        help="bar: a live bar on stderr (train: epoch k/N, running loss, lr, img/s); lines: "
+                             "plain log lines; none: neither; auto: a bar on a terminal, else lines for train "
+                             "and none for the others.")(f)
+
+
+def load_adaptor(path: str) -> tuple[Any, Any, Path]:
+    """A checkpoint file, or a run directory (its best checkpoint, else its last): (checkpoint, model, path)."""
+    from mist.formats import FormatError, load_checkpoint
+
+    from .kinds import model_from_checkpoint
+
+    p = Path(path)
+    if p.is_dir():
+        candidates = [p / "best.safetensors", p / "last.safetensors"]
+        p = next((c for c in candidates if c.exists()), None)
+        if p is None:
+            raise FormatError(f"{path}: run directory holds no best.safetensors or last.safetensors")
+    ckpt = load_checkpoint(p)
+    return ckpt, model_from_checkpoint(ckpt, p), p
+
+
+def require_inference_memory(model: Any, batch_size: int, rows: int) -> None:
+    from .memory import inference_bytes
+
+    require_memory(inference_bytes(model, min(batch_size, max(rows, 1)), rows),
+                   f"running {model.cfg.num_blocks} blocks over {rows} rows with --batch-size {batch_size}"
+                   if hasattr(model.cfg, "num_blocks") else f"running a {model.kind} over {rows} rows")
+
+
+def check_set_against(ckpt: Any, ckpt_path: Path, fs: Any, classes: bool = True) -> None:
+    from mist.formats import check_compatible
+
+    from .record import training_layout
+
+    check_compatible(training_layout(ckpt.feature_set, str(ckpt_path)), fs.manifest, classes=classes)
+
+
+def write_text(text: str, count: int, output: str | None) -> None:
+    """Predictions to ``output`` (atomically), else to stdout, made harmless on a terminal."""
+    if output:
+        from mist.formats.atomic import atomic_write_bytes
+
+        atomic_write_bytes(output, text.encode())
+        click.echo(f"wrote {count} predictions to {output}", err=True)
+    else:
+        if sys.stdout.isatty():  # quoted CSV may hold control characters; a terminal must not run them
+            text = "\n".join(terminal_text(line) for line in text.split("\n"))
+        click.echo(text, nl=False, color=True)  # color=True: click would strip ESC sequences out of the data
