@@ -1,28 +1,21 @@
 """FastLAE: the LAE of lae.py computed without ever forming a (B, T, d) activation. Same math, same API.
 
-Why it can: the features are frozen and everything a block adds to the residual stream has rank r. Before
-block b of group j the state is
+Why it can: the features are frozen and everything a block adds to the residual stream has rank r + 1. Before
+each block the state is z = F + O W (equation (1) of docs/performance.md): F the frozen map of the block's
+group, O the earlier blocks' attention outputs each with a ones column, W their stacked output weights and
+biases. A LayerNorm of z then needs only F's per-token mean and variance (computed once per batch), F as a
+GEMM operand, and rank-r algebra; its backward is a low-rank part minus a per-token multiple rho of the
+centred state. docs/performance.md derives every step in this file's names, numbered (1) to (19), and each
+phase of ``forward`` and ``backward`` cites its equation. tests/test_fast_lae.py checks every output and
+gradient against lae.py.
 
-    z = F_j + O W + 1 c,    F_j = s (x_0 + ... + x_j)   frozen, no gradient ever needed
-                            O = [o_0 1 | o_1 1 | ...]    the earlier blocks' attention outputs, each with a ones
-                                                         column, (B, T, b (r + 1))
-                            W = [W_o,0; b_o,0; W_o,1; ...] their output weights and biases stacked
+Once prepared, F is read only by GEMMs: per group one forward GEMM (7) and one backward GEMM (17), and with
+mean pooling two batched GEMVs (8), (11). The attention maps (B, h, T, T) stay elementwise: attention.py's
+fast kernels run them in batch chunks on the thread pool. Activations kept for the backward: (B, T, r)-sized
+arrays plus one attention map per block.
 
-so a LayerNorm of z needs only per-token scalars of F_j (mean, variance: computed once per batch), F_j as a
-GEMM operand, and rank-r algebra. With Wc = W minus its row means (centring each added map), F~ = F - mean:
-
-    var(z_t)  = var(F_t) + (2/d) O_t . (F~_t W^T) + (1/d) O_t (Wc Wc^T) O_t^T
-    z_t - mean(z_t) = F~_t + O_t Wc
-    LN(z) W_qkv = ((F W~ - mean ⊗ colsum(W~)) + O (Wc W~)) / sigma + beta W_qkv,   W~ = diag(gamma) W_qkv
-
-The backward of a LayerNorm whose output is only read through a rank-3r projection (or a pooled vector) is,
-per token, `P_t Abar^T - rho_t (F~_t + O_t Wc)`: a low-rank part and a per-token multiple of F~. So every
-gradient needs F only through GEMMs: per group, one forward GEMM `F_j [W~ ... | W^T]` and one backward GEMM
-`F_j^T [dqkv / sigma ... | rho-weighted O]`; mean pooling adds two batched GEMVs. The derivation, step by
-step, is in docs/performance.md; tests/test_fast_lae.py checks every output and gradient against lae.py.
-
-What stays elementwise is the attention maps (B, h, T, T): they run in batch chunks on the thread pool.
-Activations kept for the backward: (B, T, r)-sized arrays plus one attention map per block.
+The maps F_j and their statistics come from the data step (data.py: FrozenMaps, prepare_maps), prepared
+once per batch for every model that reads them; adaptor.build picks this model or the readable LAE.
 """
 
 from __future__ import annotations
@@ -31,16 +24,16 @@ import math
 
 import numpy as np
 
+from .attention import attention_backward_fast, attention_forward_fast
 from .data import FrozenMaps, prepare_maps
-from .lae import LAE, LAEConfig
-from .parallel import run_chunks, scratch
+from .lae import LAEConfig, check_params
 
 EPS = 1e-5  # as layers.layernorm_forward and torch.nn.LayerNorm
-_CHUNK_BYTES = 2 << 20  # attention maps per thread chunk: small enough for cache, big enough to amortise calls
 
 
-class FastLAE(LAE):
-    """Drop-in for LAE (same constructor, forward, backward, params, cfg, dtype), the low-rank way.
+class FastLAE:
+    """Drop-in for LAE (same constructor, forward, backward, params, cfg, dtype), the low-rank way. Not a
+    subclass: it shares only the parameter checks (lae.check_params) and the math, checked in tests.
 
     ``forward`` takes the FrozenMaps of a data.Batch (prepared once per batch, in the read-ahead), or raw
     features, which it prepares itself. The frozen features get no gradient: ``backward(..., input_grad=True)``
@@ -53,7 +46,10 @@ class FastLAE(LAE):
     def __init__(self, cfg: LAEConfig, params: dict[str, np.ndarray]):
         if getattr(cfg, "pos_embed", False):
             raise ValueError("FastLAE does not cover pos_embed (a full-rank table); use adaptor.build or LAE")
-        super().__init__(cfg, params)  # validates the config and every parameter's shape and dtype
+        self.dtype = check_params(cfg, params)
+        self.cfg = cfg
+        self.params = params  # shared, not copied: the optimizer's in-place updates reach the next forward
+        self._cache: tuple | None = None  # the last training forward's activations, for backward
         self._buffers: dict[str, np.ndarray] = {}
 
     # ---- buffers reused between batches: fresh large arrays cost page faults every time ----
@@ -68,24 +64,19 @@ class FastLAE(LAE):
             buf = self._buffers[name] = np.empty(size, self.dtype)
         return buf[:size].reshape(shape)
 
-    def release_buffers(self) -> None:
-        """Drop the reused buffers (and the last forward's cache), e.g. before a long pause."""
-        self._buffers.clear()
-        self._cache = None
-
     # ---- forward ----
 
     def _stacked_out(self) -> np.ndarray:
-        """W: every block's [out.weight; out.bias], (num_blocks * (r + 1), d)."""
+        """W of (1): every block's [out.weight; out.bias], (num_blocks * (r + 1), d)."""
         p, nb = self.params, self.cfg.num_blocks
         if nb == 0:
             return np.zeros((0, self.cfg.dim), self.dtype)
         return np.concatenate([np.vstack([p[f"blocks.{b}.out.weight"], p[f"blocks.{b}.out.bias"][None]])
                                for b in range(nb)])
 
-    def _group_limit(self, j: int) -> int:
-        """How many earlier blocks' outputs LayerNorms in group j read: those before the group's last block,
-        or all of them in the last group, whose state also feeds the final LayerNorm."""
+    def _blocks_read(self, j: int) -> int:
+        """n_read of (7): how many blocks' outputs the LayerNorms in group j read: those before the group's last
+        block, or all of them in the last group, whose state also feeds the final LayerNorm."""
         cfg = self.cfg
         if j == cfg.groups - 1:
             return cfg.num_blocks
@@ -99,49 +90,55 @@ class FastLAE(LAE):
         cfg, p = self.cfg, self.params
         k, B, T, d = fm.maps.shape
         r, bpg = cfg.rank, cfg.blocks_per_group
-        ra, NR = r + 1, cfg.num_blocks * (r + 1)
+        ra, NR = r + 1, cfg.num_blocks * (r + 1)  # each block adds r + 1 columns to O: [o_b 1]
+        # (1), (2), (3), (4): W, Wc and the products of them every LayerNorm's statistics use
         W = self._stacked_out()
         Wc = W - W.mean(axis=1, keepdims=True)
         WcWcT = Wc @ Wc.T
         W_rowsum = W.sum(axis=1)
         tag = "train" if keep_cache else "eval"
-        O = self._buffer(f"{tag}.O", (B, T, NR))
+        O = self._buffer(f"{tag}.O", (B, T, NR))  # (1): [o_0 1 | o_1 1 | ...], filled block by block
         O[..., r::ra] = 1.0  # the ones column that carries each block's out.bias
         blocks, groups = [], []
         for j in range(k):
             F = fm.maps[j].reshape(B * T, d)
             mu, var = fm.mean[j], fm.var[j]
-            first, limit = j * bpg, self._group_limit(j)
+            first, n_read = j * bpg, self._blocks_read(j)
+            # (5): A = diag(gamma) W_qkv, the block LayerNorm's scale folded into the projection
             A = [p[f"blocks.{b}.norm.weight"][:, None] * p[f"blocks.{b}.qkv.weight"] for b in range(first, first + bpg)]
-            # The group's one pass over F_j: its blocks' LN-folded qkv weights and the earlier blocks' W^T.
-            Y = (F @ np.concatenate(A + [W[:limit * ra].T], axis=1)).reshape(B, T, -1)
-            G = Y[..., bpg * 3 * r:] - mu[..., None] * W_rowsum[:limit * ra]  # F~_j W^T, (B, T, limit (r+1))
+            # (7): the group's one forward GEMM over F, Y = F [A_first .. A_last | W^T]
+            Y = (F @ np.concatenate(A + [W[:n_read * ra].T], axis=1)).reshape(B, T, -1)
+            G = Y[..., bpg * 3 * r:] - mu[..., None] * W_rowsum[:n_read * ra]  # (3): G = Fc W^T
             groups.append((mu, G))
             for i, b in enumerate(range(first, first + bpg)):
                 pre, R = f"blocks.{b}.", b * ra
-                Ob = O[..., :R]
-                var_z = var + (2.0 / d) * _rowdot(Ob, G[..., :R]) + (1.0 / d) * _rowdot(Ob @ WcWcT[:R, :R], Ob)
+                O_in = O[..., :R]  # (1): the earlier blocks' outputs, all that block b's LayerNorm adds to F
+                # (4): the LayerNorm's variance from F's, G and rank-R algebra
+                var_z = var + (2.0 / d) * _rowdot(O_in, G[..., :R]) + (1.0 / d) * _rowdot(O_in @ WcWcT[:R, :R], O_in)
                 sigma = np.sqrt(var_z + EPS)
-                # qkv = LN(z) W_qkv + b_qkv, built in place in the GEMM's output (no new (B, T, 3r) arrays)
+                # (6): qkv_hat = (F A - mu colsum(A) + O (Wc A)) / sigma, built in place in the GEMM's output
+                # (no new (B, T, 3r) arrays)
                 qkv = Y[..., i * 3 * r:(i + 1) * 3 * r]
                 qkv -= mu[..., None] * A[i].sum(axis=0)
                 if R:
-                    qkv += Ob @ (Wc[:R] @ A[i])
-                qkv /= sigma[..., None]  # = LN(z) without its bias, times W~ (q-hat in the module docstring)
+                    qkv += O_in @ (Wc[:R] @ A[i])
+                qkv /= sigma[..., None]
+                # (5): qkv = qkv_hat + qkv_bias, qkv_bias = beta W_qkv + b_qkv
                 qkv_bias = p[pre + "norm.bias"] @ p[pre + "qkv.weight"] + p[pre + "qkv.bias"]
                 qkv += qkv_bias
                 maps = self._buffer(f"{tag}.attn.{b if keep_cache else 0}", (B, cfg.heads, T, T))
-                _attention_forward(qkv, maps, O[..., R:R + r], cfg.heads)
+                attention_forward_fast(qkv, maps, O[..., R:R + r], cfg.heads)  # o_b joins O
                 blocks.append((sigma, qkv, qkv_bias, maps, A[i]))
-        # final LayerNorm, pooled: only the tokens the pool reads (all for mean, token 0 for cls)
+        # (8): the final LayerNorm, pooled: only the tokens the pool reads (all for mean, token 0 for cls)
         sel = slice(0, 1) if cfg.pool == "cls" else slice(None)
         F, mu, var = fm.maps[k - 1][:, sel], fm.mean[k - 1][:, sel], fm.var[k - 1][:, sel]
-        G, Of = groups[-1][1][:, sel], O[:, sel]
-        sigma = np.sqrt(var + (2.0 / d) * _rowdot(Of, G) + (1.0 / d) * _rowdot(Of @ WcWcT, Of) + EPS)
-        weight = 1.0 / F.shape[1]  # each selected token's share of the pooled vector
-        a = weight / sigma  # (B, T'): the pooled LN output is sum_t a_t (F~_t + O_t Wc)
-        aO = np.matmul(a[:, None, :], Of)[:, 0]
+        G_f, O_f = groups[-1][1][:, sel], O[:, sel]
+        sigma = np.sqrt(var + (2.0 / d) * _rowdot(O_f, G_f) + (1.0 / d) * _rowdot(O_f @ WcWcT, O_f) + EPS)  # (4)
+        w = 1.0 / F.shape[1]  # each selected token's share of the pooled vector
+        a = w / sigma
+        aO = np.matmul(a[:, None, :], O_f)[:, 0]
         pooled_hat = np.matmul(a[:, None, :], F)[:, 0] - (a * mu).sum(axis=1, keepdims=True) + aO @ Wc
+        # (9): the final LayerNorm's scale and bias, then the head
         pooled = pooled_hat * p["norm.weight"] + p["norm.bias"]
         logits = pooled @ p["head.weight"] + p["head.bias"]
         if keep_cache:
@@ -160,7 +157,8 @@ class FastLAE(LAE):
                          self._buffer(f"{tag}.var", (k, B, T)))
         return prepare_maps(x, cfg.input_scale, self.dtype, out)
 
-    # ---- backward: the reverse of forward, final LayerNorm first, then groups and blocks in reverse ----
+    # ---- backward: equations (10) to (19), the reverse of forward: the final LayerNorm first, then the
+    # groups and their blocks in reverse ----
 
     def backward(self, dlogits: np.ndarray, input_grad: bool = False) -> dict[str, np.ndarray]:
         """Gradients of every parameter (same keys as params) given dloss/dlogits. The cache is released as
@@ -177,74 +175,76 @@ class FastLAE(LAE):
         ra, NR = r + 1, nb * (r + 1)
         sel, sigma_f, a, aO, pooled_hat, pooled = final
         g: dict[str, np.ndarray] = {}
-        # head and final LN parameters
+        # (10): the head and the final LayerNorm's parameters
         g["head.weight"] = pooled.T @ dlogits
         g["head.bias"] = dlogits.sum(axis=0)
         dpooled = dlogits @ p["head.weight"].T
         g["norm.weight"] = (dpooled * pooled_hat).sum(axis=0)
         g["norm.bias"] = dpooled.sum(axis=0)
-        # Final LN input gradient: D_t = a_t gt - rho_t (F~_t + O_t Wc), gt the centred upstream gradient.
-        gt = dpooled * p["norm.weight"]
-        gt -= gt.mean(axis=1, keepdims=True)
-        F_f, Of, G_f = fm.maps[k - 1][:, sel], O[:, sel], groups[-1][1][:, sel]
-        gt_dot_zhat = (np.matmul(F_f, gt[:, :, None])[..., 0] + np.matmul(Of, (gt @ Wc.T)[:, :, None])[..., 0])
-        rho = a * gt_dot_zhat / (d * sigma_f * sigma_f)
-        # dO = dstate W^T accumulates every later LayerNorm's share; dW likewise (F parts come per group).
+        # (11): the final LayerNorm's input gradient, D_t = a_t gc - rho_t zc_t
+        gc = dpooled * p["norm.weight"]
+        gc -= gc.mean(axis=1, keepdims=True)
+        F_f, O_f, G_f = fm.maps[k - 1][:, sel], O[:, sel], groups[-1][1][:, sel]
+        gc_dot_zc = (np.matmul(F_f, gc[:, :, None])[..., 0] + np.matmul(O_f, (gc @ Wc.T)[:, :, None])[..., 0])
+        rho = a * gc_dot_zc / (d * sigma_f * sigma_f)
+        # (13): dO = sum of D W^T and dW = sum of O^T D over every LayerNorm; dW's F part comes per group (17)
         dO = np.zeros((B, T, NR), self.dtype)
         dW = np.zeros((NR, d), self.dtype)
-        if NR:
-            dO[:, sel] += a[..., None] * (gt @ W.T)[:, None, :] - rho[..., None] * (G_f + Of @ (Wc @ W.T))
-            rhoO = (rho[..., None] * Of).reshape(-1, NR)
-            dW += aO.T @ gt - (Of.reshape(-1, NR).T @ rhoO) @ Wc
-        rho_run = np.zeros((B, T), self.dtype)  # sum of rho over this group's LayerNorms seen so far
-        rho_run[:, sel] = rho
+        if NR:  # (14), (15) for the final LayerNorm
+            dO[:, sel] += a[..., None] * (gc @ W.T)[:, None, :] - rho[..., None] * (G_f + O_f @ (Wc @ W.T))
+            rhoO = (rho[..., None] * O_f).reshape(-1, NR)
+            dW += aO.T @ gc - (O_f.reshape(-1, NR).T @ rhoO) @ Wc
+        rho_sum = np.zeros((B, T), self.dtype)  # (16): rho summed over this group's LayerNorms seen so far
+        rho_sum[:, sel] = rho
         for j in reversed(range(k)):
             mu, G = groups[j]
-            first, limit = j * bpg, self._group_limit(j)
+            first, n_read = j * bpg, self._blocks_read(j)
             if j < k - 1:
-                rho_run[...] = 0.0
-            coef, Q_of, OQ_of = {}, {}, {}
+                rho_sum[...] = 0.0
+            rho_after, P_of, OtP_of = {}, {}, {}
             for b in reversed(range(first, first + bpg)):
                 pre, R = f"blocks.{b}.", b * ra
                 sigma, qkv, qkv_bias, maps, A = blocks[b]
-                coef[b] = rho_run.copy()  # block b's output is read by this group's LayerNorms after it
-                dqkv = _attention_backward(dO[..., R:R + r], qkv, maps, O[..., R:R + r], cfg.heads)
+                rho_after[b] = rho_sum.copy()  # (16): the rho of this group's LayerNorms after b, which read o_b
+                dqkv = attention_backward_fast(dO[..., R:R + r], qkv, maps, O[..., R:R + r], cfg.heads)
                 blocks[b] = None  # its attention map is no longer needed (the buffer is reused next step)
-                g[pre + "qkv.bias"] = dqkv.sum(axis=(0, 1))
-                if b:  # q-hat = qkv - qkv_bias
+                g[pre + "qkv.bias"] = dqkv.sum(axis=(0, 1))  # (18)
+                if b:  # (12): rho_b = dqkv . qkv_hat / (d sigma^2), qkv_hat = qkv - qkv_bias
                     rho_b = (_rowdot(dqkv, qkv) - dqkv @ qkv_bias) / (d * sigma * sigma)
-                Q = dqkv
-                Q /= sigma[..., None]  # in place: dqkv itself is not needed again
-                Q_of[b] = Q
-                Ob = O[..., :R]
-                OQ_of[b] = Ob.reshape(-1, R).T @ Q.reshape(-1, 3 * r) if R else None
+                P = dqkv
+                P /= sigma[..., None]  # (12): P = dqkv / sigma, in place: dqkv itself is not needed again
+                P_of[b] = P
+                O_in = O[..., :R]
+                OtP_of[b] = O_in.reshape(-1, R).T @ P.reshape(-1, 3 * r) if R else None  # O^T P of (15), (18)
                 if b == 0:
                     continue  # block 0 reads the frozen features only: its input gradient goes nowhere
+                # (12): D_t = P_t Abar^T - rho_b zc_t; then (14), (15) for block b's LayerNorm
                 Abar = A - A.mean(axis=0)
-                dO[..., :R] += Q @ (Abar.T @ W[:R].T) - rho_b[..., None] * (G[..., :R] + Ob @ (Wc[:R] @ W[:R].T))
-                rhoO = (rho_b[..., None] * Ob).reshape(-1, R)
-                dW[:R] += OQ_of[b] @ Abar.T - (Ob.reshape(-1, R).T @ rhoO) @ Wc[:R]
-                rho_run += rho_b
-            # The group's one backward pass over F_j: its blocks' Q and the rho-weighted earlier outputs.
-            columns = [Q_of[b] for b in range(first, first + bpg)]
-            columns += [(coef[b] if b >= first else rho_run)[..., None] * O[..., b * ra:(b + 1) * ra]
-                        for b in range(limit)]
+                dO[..., :R] += P @ (Abar.T @ W[:R].T) - rho_b[..., None] * (G[..., :R] + O_in @ (Wc[:R] @ W[:R].T))
+                rhoO = (rho_b[..., None] * O_in).reshape(-1, R)
+                dW[:R] += OtP_of[b] @ Abar.T - (O_in.reshape(-1, R).T @ rhoO) @ Wc[:R]
+                rho_sum += rho_b
+            # (17): the group's one backward GEMM over F, Fc^T cols, cols = [P_first .. P_last | rho_after O]
+            columns = [P_of[b] for b in range(first, first + bpg)]
+            columns += [(rho_after[b] if b >= first else rho_sum)[..., None] * O[..., b * ra:(b + 1) * ra]
+                        for b in range(n_read)]
             if not columns:
                 continue
-            M = np.concatenate(columns, axis=-1).reshape(B * T, -1)
-            FtM = fm.maps[j].reshape(B * T, d).T @ M - (mu.reshape(-1) @ M)[None, :]  # F~_j^T M
+            cols = np.concatenate(columns, axis=-1).reshape(B * T, -1)
+            FcT_cols = fm.maps[j].reshape(B * T, d).T @ cols - (mu.reshape(-1) @ cols)[None, :]
             for i, b in enumerate(range(first, first + bpg)):
                 pre, R = f"blocks.{b}.", b * ra
-                Z = FtM[:, i * 3 * r:(i + 1) * 3 * r]  # sum_t LN-normalised z_t^T dqkv_t
+                # (18): zhat_dqkv = sum_t zhat_t^T dqkv_t = Fc^T P + Wc^T (O^T P), then the block's parameters
+                zhat_dqkv = FcT_cols[:, i * 3 * r:(i + 1) * 3 * r]
                 if R:
-                    Z = Z + Wc[:R].T @ OQ_of[b]
-                Wq, gamma, beta, dbq = (p[pre + "qkv.weight"], p[pre + "norm.weight"], p[pre + "norm.bias"],
-                                        g[pre + "qkv.bias"])
-                g[pre + "qkv.weight"] = gamma[:, None] * Z + np.outer(beta, dbq)
-                g[pre + "norm.weight"] = (Z * Wq).sum(axis=1)
-                g[pre + "norm.bias"] = Wq @ dbq
-            dW[:limit * ra] -= FtM[:, bpg * 3 * r:].T
-        for b in range(nb):
+                    zhat_dqkv = zhat_dqkv + Wc[:R].T @ OtP_of[b]
+                W_qkv, gamma, beta, db_qkv = (p[pre + "qkv.weight"], p[pre + "norm.weight"], p[pre + "norm.bias"],
+                                              g[pre + "qkv.bias"])
+                g[pre + "qkv.weight"] = gamma[:, None] * zhat_dqkv + np.outer(beta, db_qkv)
+                g[pre + "norm.weight"] = (zhat_dqkv * W_qkv).sum(axis=1)
+                g[pre + "norm.bias"] = W_qkv @ db_qkv
+            dW[:n_read * ra] -= FcT_cols[:, bpg * 3 * r:].T  # (15): its F part, summed over the group's LayerNorms
+        for b in range(nb):  # (19): each block's rows of dW
             g[f"blocks.{b}.out.weight"] = dW[b * ra:b * ra + r].copy()
             g[f"blocks.{b}.out.bias"] = dW[b * ra + r].copy()
         return {name: g[name] for name in self.params}
@@ -253,62 +253,3 @@ class FastLAE(LAE):
 def _rowdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-token dot product over the last axis: (..., n), (..., n) -> (...)."""
     return (a * b).sum(axis=-1)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Attention on (B, T, 3r) projections, in batch chunks on the thread pool. Same math as attention.py (whose
-# derivation is docs/attention-backward.md) without its two linears, which the model folds into its GEMMs.
-
-
-def _heads(t: np.ndarray, heads: int) -> np.ndarray:
-    """(B, T, r) view -> (B, h, T, hs) view."""
-    B, T, r = t.shape
-    return t.reshape(B, T, heads, r // heads).transpose(0, 2, 1, 3)
-
-
-def _chunk_rows(maps: np.ndarray) -> int:
-    per_image = maps[0].nbytes if len(maps) else 1
-    return max(1, _CHUNK_BYTES // max(per_image, 1))
-
-
-def _attention_forward(qkv: np.ndarray, maps: np.ndarray, o_out: np.ndarray, heads: int) -> None:
-    """qkv (B, T, 3r) -> attention maps into ``maps`` (B, h, T, T), o = maps @ v into ``o_out`` (B, T, r)."""
-    B, T, r3 = qkv.shape
-    r = r3 // 3
-    scale = 1.0 / math.sqrt(r // heads)
-
-    def work(rows: slice) -> None:
-        q, k, v = (_heads(qkv[rows, :, i * r:(i + 1) * r], heads) for i in range(3))
-        s = np.matmul(q * scale, k.swapaxes(-1, -2), out=maps[rows])
-        s -= s.max(axis=-1, keepdims=True)  # exp never overflows; softmax is shift-invariant
-        np.exp(s, out=s)
-        s *= 1.0 / s.sum(axis=-1, keepdims=True)
-        o = s @ v
-        o_out[rows] = o.transpose(0, 2, 1, 3).reshape(o.shape[0], T, r)
-
-    run_chunks(work, B, _chunk_rows(maps))
-
-
-def _attention_backward(do: np.ndarray, qkv: np.ndarray, maps: np.ndarray, o: np.ndarray, heads: int) -> np.ndarray:
-    """Gradient of the (B, T, 3r) projections given do (B, T, r); da and ds live in one per-thread buffer."""
-    B, T, r3 = qkv.shape
-    r = r3 // 3
-    scale = 1.0 / math.sqrt(r // heads)
-    dqkv = np.empty_like(qkv)
-
-    def work(rows: slice) -> None:
-        q, k, v = (_heads(qkv[rows, :, i * r:(i + 1) * r], heads) for i in range(3))
-        a, do_h, o_h = maps[rows], _heads(do[rows], heads), _heads(o[rows], heads)
-        ds = np.matmul(do_h, v.swapaxes(-1, -2), out=scratch("ds", a.shape, a.dtype))  # da first
-        dv = a.swapaxes(-1, -2) @ do_h
-        # softmax backward: ds = a (da - sum_j da_j a_j), and sum_j da_j a_j = do . o per query and head
-        ds -= (do_h * o_h).sum(axis=-1, keepdims=True)
-        ds *= a
-        dq = (ds @ k) * scale
-        dk = ds.swapaxes(-1, -2) @ (q * scale)
-        n = a.shape[0]
-        for i, grad in enumerate((dq, dk, dv)):
-            dqkv[rows, :, i * r:(i + 1) * r] = grad.transpose(0, 2, 1, 3).reshape(n, T, r)
-
-    run_chunks(work, B, _chunk_rows(maps))
-    return dqkv

@@ -145,6 +145,23 @@ def flops_per_image(cfg: LAEConfig, backward: bool = True) -> int:
     return 3 * forward if backward else forward
 
 
+def check_params(cfg: LAEConfig, params: dict[str, np.ndarray]) -> np.dtype:
+    """Check that cfg is valid and params holds exactly its parameters, with its shapes, in one floating
+    dtype; return that dtype (the model computes in it). LAE and fast_lae.FastLAE both start with this."""
+    cfg.validate()
+    shapes = param_shapes(cfg)
+    if set(params) != set(shapes):
+        missing, extra = sorted(set(shapes) - set(params)), sorted(set(params) - set(shapes))
+        raise ValueError(f"params do not match the config: missing {missing}, unexpected {extra}")
+    dtypes = {p.dtype for p in params.values()}
+    if len(dtypes) != 1 or next(iter(dtypes)).kind != "f":
+        raise ValueError(f"params must share one floating dtype, got {sorted(map(str, dtypes))}")
+    for name, shape in shapes.items():
+        if params[name].shape != shape:
+            raise ValueError(f"param {name} has shape {params[name].shape}, expected {shape}")
+    return next(iter(dtypes))
+
+
 class LAE:
     """The model: holds the config and a params dict (shared, not copied, so an optimizer that updates the
     arrays in place is seen by the next forward), and the caches of the last forward."""
@@ -153,20 +170,9 @@ class LAE:
     reads = "features"  # the (B, k, T, d) maps of a data.Batch
 
     def __init__(self, cfg: LAEConfig, params: dict[str, np.ndarray]):
-        cfg.validate()
-        shapes = param_shapes(cfg)
-        if set(params) != set(shapes):
-            missing, extra = sorted(set(shapes) - set(params)), sorted(set(params) - set(shapes))
-            raise ValueError(f"params do not match the config: missing {missing}, unexpected {extra}")
-        dtypes = {p.dtype for p in params.values()}
-        if len(dtypes) != 1 or next(iter(dtypes)).kind != "f":
-            raise ValueError(f"params must share one floating dtype, got {sorted(map(str, dtypes))}")
-        for name, shape in shapes.items():
-            if params[name].shape != shape:
-                raise ValueError(f"param {name} has shape {params[name].shape}, expected {shape}")
+        self.dtype = check_params(cfg, params)
         self.cfg = cfg
         self.params = params
-        self.dtype = next(iter(dtypes))
         self._cache: tuple | None = None
 
     def forward(self, x: np.ndarray, keep_cache: bool = True) -> np.ndarray:

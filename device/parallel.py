@@ -46,16 +46,6 @@ def _blas_threads() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def set_worker_count(threads: int) -> None:
-    """Fix the pool size (the CLI's --threads); a pool already running is replaced on next use."""
-    global _workers, _pool
-    with _lock:
-        _workers = max(1, int(threads))
-        if _pool is not None:
-            _pool.shutdown(wait=True)
-            _pool = None
-
-
 def _get_pool() -> ThreadPoolExecutor:
     global _pool
     with _lock:
