@@ -324,8 +324,9 @@ def serve(model: str, pretrained: bool, weights: str | None, random_init: bool, 
     POST /v1/features (one image as the body, or several as multipart/form-data) answers a safetensors
     feature shard; GET /v1/layout the layout; GET /healthz liveness.
     """
-    from .serve import ServeConfig, check_safety, read_token
+    from .serve import ServeConfig
     from .serve import serve as run
+    from .serve_guard import check_safety, read_token
 
     cfg = ServeConfig(host=host, port=port, token=read_token(token_file), tls_cert=tls_cert, tls_key=tls_key,
                       scale=scale, dtype=dtype, max_batch=max_batch, max_wait_ms=max_wait_ms,
@@ -334,7 +335,7 @@ def serve(model: str, pretrained: bool, weights: str | None, random_init: bool, 
     check_safety(cfg, _log)  # before torch and the backbone load: a bad token or certificate fails at once
     import torch
 
-    from .extract import load_frozen
+    from .frozen import load_frozen
 
     if threads:
         torch.set_num_threads(threads)

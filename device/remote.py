@@ -25,13 +25,12 @@ from typing import Any
 import click
 import numpy as np
 
-from mist.formats import FormatError, Manifest, check_compatible
+from mist.formats import FormatError, Manifest, check_compatible, served
 from mist.formats.served import LAYOUT_HEADER, decode_features
 
 from .predictions import format_predictions, top_classes
 from .record import training_layout
 
-TOKEN_ENV = "MIST_SERVE_TOKEN"
 TIMEOUT_S = 120.0  # a whole request: a busy CPU server forwards 16 Lite0 images in a few seconds
 MAX_LAYOUT_BYTES = 1 << 20
 MAX_ANSWER_BYTES = 256 << 20
@@ -132,19 +131,11 @@ def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
 
 
 def read_token(token_file: str | None) -> str | None:
-    """The first line of ``token_file``, else ``$MIST_SERVE_TOKEN``, else None."""
-    if token_file is None:
-        token = os.environ.get(TOKEN_ENV, "").strip()
-        return token or None
+    """The server's bearer token, by the rule the server applies (``mist.formats.served.read_token``)."""
     try:
-        lines = Path(token_file).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise click.ClickException(f"--token-file {token_file}: unreadable "
-                                   f"({getattr(e, 'strerror', None) or e.__class__.__name__})") from None
-    token = (lines or [""])[0].strip()
-    if not token:
-        raise click.ClickException(f"--token-file {token_file}: empty")
-    return token
+        return served.read_token(token_file)
+    except FormatError as e:
+        raise click.ClickException(str(e)) from None
 
 
 def check_server(server: RemoteBackbone, trained_on: Manifest, checkpoint: Path) -> None:

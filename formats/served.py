@@ -7,12 +7,14 @@ request. Its metadata and the ``X-Mist-Layout`` response header carry the layout
 layout (``GET /v1/layout``), so a client that checked the layout once can tell when a server behind the same
 URL changed.
 
-Encoding and decoding are one function each, so a new storage dtype changes them and nothing else.
+Encoding and decoding are one function each, so a new storage dtype changes them and nothing else. The bearer
+token follows one rule on both sides, ``read_token``: a client token the server would refuse can never work.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import numpy as np
@@ -30,6 +32,8 @@ SHARD_FORMAT = "mist-feature-shard"
 LAYOUT_HEADER = "X-Mist-Layout"
 MEDIA_TYPE = "application/vnd.mist.features+safetensors"
 SERVED_SPLIT = "serve"  # the split and dataset of a served layout: it describes no stored images
+TOKEN_ENV = "MIST_SERVE_TOKEN"
+MIN_TOKEN_CHARS = 16
 
 
 def served_layout(manifest: Manifest) -> Manifest:
@@ -95,3 +99,29 @@ def decode_features(body: bytes, layout: Manifest, images: int, source: str) -> 
     if not np.all(np.isfinite(out)):
         raise FormatError(f"{source}: the response holds non-finite features")
     return out
+
+
+def read_token(token_file: str | None) -> str | None:
+    """The bearer token: the first line of ``token_file``, else ``$MIST_SERVE_TOKEN``, else None (no token).
+
+    ``mist-cloud serve`` and ``mist-device predict --server`` both read it here. A token must be at least 16
+    printable ASCII characters without spaces; anything else raises FormatError with one line that names
+    ``--token-file F`` or ``$MIST_SERVE_TOKEN``, for each side to turn into its own CLI error.
+    """
+    if token_file is not None:
+        try:
+            with open(token_file, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise FormatError(f"--token-file {token_file}: unreadable ({getattr(e, 'strerror', None) or e})") from None
+        where, token = f"--token-file {token_file}", (text.splitlines() or [""])[0].strip()
+    elif os.environ.get(TOKEN_ENV) is not None:
+        where, token = f"${TOKEN_ENV}", os.environ[TOKEN_ENV].strip()
+    else:
+        return None
+    if len(token) < MIN_TOKEN_CHARS:
+        raise FormatError(f"{where}: the token must be at least {MIN_TOKEN_CHARS} characters "
+                          "(e.g. `openssl rand -hex 32`)")
+    if not all(33 <= ord(c) < 127 for c in token):
+        raise FormatError(f"{where}: the token must be printable ASCII without spaces")
+    return token

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mist.formats import FormatError, Manifest
-from mist.formats.served import decode_features, encode_features, served_layout
+from mist.formats.served import TOKEN_ENV, decode_features, encode_features, read_token, served_layout
 
 LAYOUT = served_layout(Manifest(
     backbone={"name": "test_vit", "weights_sha256": "a" * 64, "weights_source": "file:w.safetensors"},
@@ -78,3 +78,49 @@ def test_a_quantised_answer_with_a_bad_scale_is_refused():
                                    "shard_index": "0"})
     with pytest.raises(FormatError, match="zero scale|scale"):
         decode_features(body, layout, 2, "srv")
+
+
+def test_one_token_rule_for_server_and_client(tmp_path, monkeypatch):
+    """The first line of --token-file, else $MIST_SERVE_TOKEN, else no token; at least 16 printable ASCII
+    characters without spaces, or one line naming where the token came from."""
+    good = "a-test-token-0123456789abcdef"
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    assert read_token(None) is None
+    monkeypatch.setenv(TOKEN_ENV, f"  {good} \n")
+    assert read_token(None) == good
+    path = tmp_path / "token"
+    path.write_text(f"{good}\nsecond line\n")
+    monkeypatch.setenv(TOKEN_ENV, "short")
+    assert read_token(str(path)) == good  # the file wins over the environment
+    for value, message in (("short", "at least 16 characters"), ("", "at least 16 characters"),
+                           ("x" * 16 + " y", "printable ASCII without spaces"),
+                           ("é" * 16, "printable ASCII without spaces")):
+        monkeypatch.setenv(TOKEN_ENV, value)
+        with pytest.raises(FormatError, match=message) as e:
+            read_token(None)
+        assert str(e.value).startswith(f"${TOKEN_ENV}: ") and "\n" not in str(e.value)
+        path.write_text(value + "\n")
+        with pytest.raises(FormatError, match=message) as e:
+            read_token(str(path))
+        assert str(e.value).startswith(f"--token-file {path}: ") and "\n" not in str(e.value)
+    with pytest.raises(FormatError, match="unreadable"):
+        read_token(str(tmp_path / "missing"))
+
+
+def test_both_sides_turn_a_refused_token_into_their_own_one_line_error(tmp_path, monkeypatch):
+    import click
+
+    from mist.cloud.errors import CloudError
+    from mist.cloud.serve_guard import read_token as server_token
+    from mist.device.remote import read_token as client_token
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    path = tmp_path / "token"
+    path.write_text("short\n")
+    with pytest.raises(FormatError) as rule:
+        read_token(str(path))
+    for side, error in ((server_token, CloudError), (client_token, click.ClickException)):
+        with pytest.raises(error) as e:
+            side(str(path))
+        assert str(e.value) == str(rule.value)
+        assert side(None) is None
