@@ -8,6 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy  # noqa: E402
+import accuracy_plots  # noqa: E402
 
 DOC = accuracy.REPO / "docs" / "results.md"
 ROWS = ["1 linear probe", "2 last layer", "2 last layer, {n} blocks", "3 Gather* k=1", "3 Gather* k=1 mean",
@@ -26,7 +27,7 @@ def main() -> None:
             continue
         done = {r["row"] for r in json.loads((accuracy.OUT / f"{name}.json").read_text())["rows"]}
         missing = [r[2:] for r in EXPECTED[name] if r not in done]
-        body = accuracy.table(name)
+        body = accuracy_plots.table(name)
         if missing:
             body += "\n\nNot run (out of time): " + ", ".join(missing) + "."
         block = f"<!-- {tag} -->\n{body}\n<!-- /{tag} -->"

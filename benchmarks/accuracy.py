@@ -280,7 +280,7 @@ def search_and_train(xtr, ytr: np.ndarray, xte, yte: np.ndarray, split: tuple[np
     from mist.device.lae import count_params
 
     tr, va = split
-    subset = (lambda x, rows: x.subset(rows)) if isinstance(xtr, GatherView) else (lambda x, rows: x[rows])
+    subset = (lambda x, rows: x.subset(rows)) if hasattr(xtr, "subset") else (lambda x, rows: x[rows])
     grid = {}
     for lr in grid_lr:
         for rank in grid_rank:
@@ -309,6 +309,7 @@ def search_and_train(xtr, ytr: np.ndarray, xte, yte: np.ndarray, split: tuple[np
 
 def run_study(study: Study, seeds: list[int], grid_lr: list[float], grid_rank: list[int], epochs: int,
               only: list[str] | None) -> dict:
+    from accuracy_plots import _line, _merge_row  # imports this module: loaded once it is complete
 
     recipe = {**RECIPE, "epochs": epochs}
     xtr_all, ytr, man = load(study, "train")
@@ -338,259 +339,6 @@ def run_study(study: Study, seeds: list[int], grid_lr: list[float], grid_rank: l
     return json.loads(path.read_text()) if path.is_file() else result
 
 
-def _put(result: dict, row: dict) -> None:
-    """Replace the row of the same name, else append; keep the table in row order."""
-    result["rows"] = sorted([r for r in result["rows"] if r["row"] != row["row"]] + [row],
-                            key=lambda r: (r["row"][0], r["bytes_per_image"], r["row"]))
-
-
-def _line(r: dict) -> str:
-    return (f"{r['row']:<24} acc {100 * r['mean']:6.2f} +- {100 * r['std']:4.2f}  bytes/img {r['bytes_per_image']:>8}"
-            f"  params {r['params']:>7}  chosen {r['chosen']}")
-
-
-def _save(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=1) + "\n")
-
-
-# ---- setting (b): the full training split, streamed from fp16 stored layers --------------------------------
-
-
-class GatherView:
-    """Stored layers (N, m, T, d), any dtype, seen as Gather* maps (N, k, T, d) in float32, one batch at a time:
-    ``view[rows]`` sums the chosen rows' layers in float32, so only the fp16 stored layers sit in memory."""
-
-    def __init__(self, per_layer: np.ndarray, layers: list[int], groups: list[list[int]], scale: str,
-                 index: np.ndarray | None = None):
-        self.per_layer, self.layers, self.groups, self.scale = per_layer, layers, groups, scale
-        self.index = np.arange(len(per_layer)) if index is None else index
-        self.shape = (len(self.index), len(groups), *per_layer.shape[2:])
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, rows) -> np.ndarray:
-        return gather(self.per_layer[self.index[rows]].astype(np.float32), self.layers, self.groups, self.scale)
-
-    def subset(self, index: np.ndarray) -> GatherView:
-        """The same view over the rows ``index`` (e.g. the 80 % of an 80/20 split), without copying."""
-        return GatherView(self.per_layer, self.layers, self.groups, self.scale, self.index[index])
-
-
-def head_features(sets: list[tuple[np.ndarray, list[int]]], bs: int = 500) -> list[np.ndarray]:
-    """Mean-pooled layer 17 (bn2, the 1280-d head) recomputed from the stored last stage-5 block (layer 15):
-    blocks.6 -> conv_head -> bn2 of the same Lite0 weights, so the head needs no second extraction pass.
-    ``sets`` are (stored layers, their layer numbers) pairs; the backbone is built once for all of them."""
-    import torch
-
-    from mist.cloud.backbones import create_backbone
-
-    model = create_backbone("tf_efficientnet_lite0", "pretrained", log=lambda *_: None).model
-    features = []
-    for per_layer, layers in sets:
-        pos, out = layers.index(15), []
-        with torch.no_grad():
-            for i in range(0, len(per_layer), bs):
-                x = torch.from_numpy(per_layer[i:i + bs, pos].astype(np.float32))  # (B, 49, 192) tokens
-                x = x.transpose(1, 2).reshape(len(x), -1, 7, 7)  # back to NCHW
-                out.append(model.bn2(model.conv_head(model.blocks[6](x))).mean((2, 3)).numpy())
-        features.append(np.concatenate(out))
-    return features
-
-
-def run_full(study: Study, small: Study, seeds: list[int], epochs: int, search_epochs: int, grid_lr: list[float],
-             grid_rank: list[int], only: list[str] | None, rows: int | None, probe_iter: int = 1000) -> dict:
-    """Setting (b): train on the extracted 60k (or its first ``rows``) and test on the whole 10k test split, both
-    stored as fp16 layers. Hyperparameters are chosen per row on an 80/20 split of the training images (seed 0),
-    with ``search_epochs`` epochs per candidate to fit the time; then each row trains ``epochs`` epochs on all
-    training images with every seed. The NumPy trainer (mist.device) does all the training."""
-    from mist.formats import FeatureSet
-
-    def recipe_for(n_epochs: int) -> dict:  # 10% of the run as warm-up, then cosine decay
-        return {**RECIPE, "epochs": n_epochs, "warmup_epochs": 0.1 * n_epochs}
-
-    recipe = recipe_for(epochs)
-    fs = FeatureSet(OUT / study.name / "train", allow_incomplete=True)  # a partial extraction: its whole shards
-    n = min(rows or len(fs), len(fs))
-    t0 = time.time()
-    xtr_all = fs.read(np.arange(n), dtype=np.float16)  # 60k x 4 x 49 x 192 fp16 = 4.5 GB; summed in fp32 per batch
-    ytr = np.asarray(fs.labels[:n], np.int64)
-    test = FeatureSet(OUT / study.name / "test")
-    xte_all, yte = test.read(np.arange(len(test)), dtype=np.float16), np.asarray(test.labels, np.int64)
-    T, d = test.manifest.tokens, test.manifest.dim
-    print(f"{study.name}: train {xtr_all.shape} fp16, test {xte_all.shape} fp16 ({time.time() - t0:.0f}s)",
-          flush=True)
-    result = {"backbone": study.name, "train_images": n, "train_extracted": len(fs), "extraction_complete":
-              fs.manifest.complete, "train_class_counts": np.bincount(ytr, minlength=10).tolist(),
-              "test_images": len(yte), "tokens": T, "dim": d, "layers": study.layers, "stored_dtype": "float16",
-              "recipe": recipe, "search": {"split": "80/20 per class, seed 0", "recipe": recipe_for(search_epochs),
-                                           "lr": grid_lr, "rank": grid_rank}, "seeds": seeds}
-    tr, va = split_80_20(ytr)
-    path = OUT / f"{study.name}.json"
-
-    rows_by_name = {c["row"][2:]: c for c in [{"row": "1 linear probe"}, *configs(study)]}
-    for name in only or list(rows_by_name):  # exact row names, run in the order given
-        c, ts = rows_by_name[name], time.time()
-        if name == "linear probe":
-            # check: the head recomputed for setting (a)'s test images against their extracted layer 17
-            ftr, fte, check = head_features([(xtr_all, study.layers), (xte_all, study.layers),
-                                             (load(small, "test")[0], small.layers)])
-            stored = load(small, "test_probe")[0][:, 0].mean(1)
-            grid, C, acc, iterations = fit_probe(ftr, ytr, fte, yte, probe_iter)
-            row = {"row": "1 linear probe", "groups": [[17]], "scale": "none",
-                   "features": f"mean-pooled layer 17, {ftr.shape[1]}-d, recomputed from stored layer 15",
-                   "head_check_max_abs_diff": float(np.abs(check - stored).max()),
-                   "bytes_per_image": ftr.shape[1] * 2, "params": ftr.shape[1] * 10 + 10, "val_grid": grid,
-                   "chosen": {"C": C}, "lbfgs_iterations": iterations, "lbfgs_max_iter": probe_iter,
-                   "test_acc": [acc] * len(seeds), "mean": acc, "std": 0.0,
-                   "note": "deterministic (lbfgs): identical for every seed"}
-        else:
-            xtr = GatherView(xtr_all, study.layers, c["groups"], c["scale"])
-            xte = GatherView(xte_all, study.layers, c["groups"], c["scale"])
-            row = {**c, **search_and_train(xtr, ytr, xte, yte, (tr, va), c.get("blocks_per_group", 1), grid_lr,
-                                            grid_rank, seeds, recipe, recipe_for(search_epochs), T * d * 2,
-                                            log=lambda m, n=name: print(f"  {n} {m}", flush=True))}
-        row["seconds"] = round(time.time() - ts, 1)
-        print(_line(row), f"{row['seconds']:.0f}s", flush=True)
-        _merge_row(path, result, row)  # incremental: a killed run keeps its finished rows
-    return json.loads(path.read_text()) if path.is_file() else result
-
-
-def _merge_row(path: Path, result: dict, row: dict) -> None:
-    """Add one row to the JSON at ``path``, under a lock, keeping the rows other processes wrote for the same
-    data, recipe and seeds, so one table's rows can run in several processes (one per core)."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        keep = [k for k in result if k != "rows"]
-        old = json.loads(path.read_text()) if path.is_file() else {}
-        same = all(old.get(k) == result[k] for k in keep)
-        if old and not same:  # other data, recipe or seeds: start a new table, but keep the old one beside it
-            path.replace(path.with_suffix(f".{int(time.time())}.json"))
-        merged = {**result, "rows": old.get("rows", []) if same else []}
-        _put(merged, row)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(merged, indent=1) + "\n")
-        tmp.replace(path)
-
-
-# ---- row 6: the NumPy trainer against the PyTorch twin ------------------------------------------------------
-
-
-def run_twin(study: Study, seed: int, lr: float, rank: int, epochs: int) -> dict:
-    import torch
-    import torch.nn.functional as F
-
-    sys.path.insert(0, str(REPO / "tests"))
-    from torch_lae import TorchLAE, adamw_param_groups, load_numpy_params
-
-    from mist.device.lae import init_params
-    from mist.device.optim import lr_schedule
-
-    torch.set_num_threads(1)
-    recipe = {**RECIPE, "epochs": epochs}
-    xtr_all, ytr, _ = load(study, "train")
-    xte_all, yte, _ = load(study, "test")
-    L = study.layers
-    xtr, xte = gather(xtr_all, L, [L], "none"), gather(xte_all, L, [L], "none")
-    cfg = make_cfg(xtr, rank)
-
-    t0 = time.time()
-    np_model, np_first = train_numpy(xtr, ytr, cfg, lr, seed, recipe, record_first=True)
-    np_acc, np_s = accuracy(np_model, xte, yte), time.time() - t0
-
-    t0 = time.time()
-    tm = TorchLAE(cfg.to_dict())
-    load_numpy_params(tm, init_params(cfg, seed))  # the same initial weights
-    opt = torch.optim.AdamW(adamw_param_groups(tm, recipe["weight_decay"]), lr=lr, betas=(0.9, 0.999), eps=1e-8)
-    bs, n = recipe["batch_size"], len(ytr)
-    spe = math.ceil(n / bs)
-    total, warm = spe * epochs, int(round(recipe["warmup_epochs"] * spe))
-    xt, yt = torch.from_numpy(xtr), torch.from_numpy(ytr)
-    step, t_first = 0, []
-    for epoch in range(epochs):
-        order = np.random.default_rng([seed, epoch]).permutation(n)  # the same data order
-        for b in range(spe):
-            rows = torch.from_numpy(order[b * bs:(b + 1) * bs])
-            loss = F.cross_entropy(tm(xt[rows]), yt[rows], label_smoothing=recipe["label_smoothing"])
-            if step < 5:
-                t_first.append(float(loss))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(tm.parameters(), recipe["grad_clip"])
-            for g in opt.param_groups:
-                g["lr"] = lr_schedule(step, total, lr, warm)
-            opt.step()
-            step += 1
-    with torch.no_grad():
-        t_acc = float((tm(torch.from_numpy(xte)).argmax(1).numpy() == yte).mean())
-    t_s = time.time() - t0
-    diffs = [abs(a - b) for a, b in zip(np_first, t_first)]
-    res = {"backbone": study.name, "config": "Gather* k=1, scale none", "seed": seed, "lr": lr, "rank": rank,
-           "recipe": recipe, "numpy_acc": np_acc, "torch_acc": t_acc, "acc_diff_points": 100 * abs(np_acc - t_acc),
-           "first_losses_numpy": np_first, "first_losses_torch": t_first, "first_step_loss_diff": diffs[0],
-           "first5_max_loss_diff": max(diffs), "numpy_seconds": round(np_s, 1), "torch_seconds": round(t_s, 1)}
-    _save(res, OUT / f"{study.name}_twin.json")
-    print(json.dumps(res, indent=1))
-    return res
-
-
-# ---- plots --------------------------------------------------------------------------------------------------
-
-
-def plot() -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    DOCS.mkdir(parents=True, exist_ok=True)
-    titles = {"lite0": "EfficientNet-Lite0 (ImageNet) -> Fashion-MNIST, 1k-shot",
-              "vit": "test_vit (pretrained here on Fashion-MNIST) -> MNIST digits, 1k-shot",
-              "vit12": "test_vit, depth 12 (pretrained here on Fashion-MNIST) -> MNIST digits, 1k-shot",
-              "lite0_full": "EfficientNet-Lite0 (ImageNet) -> Fashion-MNIST, full training split"}
-    for name, title in titles.items():
-        path = OUT / f"{name}.json"
-        if not path.is_file():
-            continue
-        res = json.loads(path.read_text())
-        fig, ax = plt.subplots(figsize=(8, 4.8))
-        markers = "osD^v<>PXh*"
-        for i, r in enumerate(res["rows"]):  # a legend, not labels on the points: several rows share the bytes
-            ax.errorbar(r["bytes_per_image"], 100 * r["mean"], yerr=100 * r["std"], fmt=markers[i % len(markers)],
-                        capsize=3, label=f"{r['row'][2:]}: {100 * r['mean']:.1f}")
-        ax.legend(fontsize=7, loc="lower right")
-        ax.set_xscale("log")
-        ax.set_xlabel("bytes per image shipped (fp16, log scale)")
-        seeds = f"mean +- std, {len(res['seeds'])} seeds" if len(res["seeds"]) > 1 else f"seed {res['seeds'][0]}"
-        ax.set_ylabel(f"test accuracy, % ({seeds})")
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(DOCS / f"{name}_accuracy_vs_bytes.png", dpi=110)
-        plt.close(fig)
-        print("wrote", DOCS / f"{name}_accuracy_vs_bytes.png")
-
-
-def table(name: str) -> str:
-    res = json.loads((OUT / f"{name}.json").read_text())
-    one = len(res["seeds"]) == 1  # one seed: no std to show
-    acc_head = f"seed {res['seeds'][0]}" if one else "mean ± std"
-    lines = [f"| row | groups | bytes/image | trainable params | chosen | test acc % ({acc_head}) |",
-             "|---|---|---:|---:|---|---|"]
-    for r in res["rows"]:
-        groups = ",".join("-".join(map(str, (g[0], g[-1]))) if len(g) > 1 else str(g[0]) for g in r["groups"])
-        chosen = ", ".join(f"{k} {v:g}" for k, v in r["chosen"].items())
-        if None in r["val_grid"].values():
-            chosen += " (fixed, not searched)"
-        acc = f"{100 * r['mean']:.2f}" + ("" if one else f" ± {100 * r['std']:.2f}")
-        lines.append(f"| {r['row'][2:]} | {groups} | {r['bytes_per_image']:,} | {r['params']:,} | {chosen} | {acc} |")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="MIST accuracy study (issue 6)")
     p.add_argument("what", choices=["extract", "study", "full", "twin", "plot", "table"])
@@ -615,13 +363,21 @@ def main(argv: list[str] | None = None) -> int:
     elif a.what == "study":
         run_study(study, a.seeds, a.lr, a.rank, a.epochs, a.only)
     elif a.what == "full":
+        from accuracy_full import run_full
+
         run_full(studies()["lite0_full"], studies()["lite0"], a.seeds, a.epochs, a.search_epochs, a.lr, a.rank, a.only,
                  a.rows, a.probe_iter)
     elif a.what == "twin":
+        from accuracy_full import run_twin
+
         run_twin(study, a.seeds[0], a.twin_lr, a.twin_rank, a.epochs)
     elif a.what == "plot":
+        from accuracy_plots import plot
+
         plot()
     else:
+        from accuracy_plots import table
+
         print(table(a.backbone))
     return 0
 
