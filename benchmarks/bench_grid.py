@@ -37,7 +37,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--repeats", type=int, default=1)
     a = p.parse_args()
-    from mist.device.grid import parse_grid
+    from mist.device.adaptor import parse_grid
 
     device = str(Path(sys.executable).with_name("mist-device"))
     common = ["--epochs", str(a.epochs), "--val-split", "0.2", "--threads", "1", "--no-verify", "--overwrite"]

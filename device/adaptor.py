@@ -1,4 +1,5 @@
-"""The LAE as a model kind: how it is built, read back from a checkpoint, and what memory it needs.
+"""The LAE as a model kind: how it is built, read back from a checkpoint, what memory it needs, and the
+points of a ``--grid`` search over it.
 
 The math lives in device/lae.py (the readable model, the reference) and device/fast_lae.py (the same model
 without any (B, T, d) activation, which trains and predicts); this module declares the kind (``KIND``) that
@@ -7,13 +8,17 @@ device/kinds.py registers.
 
 from __future__ import annotations
 
+import itertools
 import math
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from mist.formats import Checkpoint, FormatError
 
+from .errors import TrainingError
 from .fast_lae import FastLAE
 from .lae import LAE, LAEConfig, init_params
 from .model_kind import ModelKind
@@ -150,10 +155,83 @@ def shipped_values(cfg: LAEConfig) -> int:
     return cfg.groups * cfg.tokens * cfg.dim
 
 
+# ---- the points of a --grid search --------------------------------------------------------------------
+
+# grid key -> (field, type, which object it sets): the adaptor's config or the member's optimiser options
+GRID_KEYS: dict[str, tuple[str, type, str]] = {
+    "lr": ("lr", float, "opt"), "wd": ("weight_decay", float, "opt"), "ls": ("label_smoothing", float, "opt"),
+    "blocks": ("blocks_per_group", int, "cfg"), "rank": ("rank", int, "cfg"), "heads": ("heads", int, "cfg"),
+    "pos": ("pos_embed", bool, "cfg"),
+}
+
+
+def parse_grid(spec: str) -> list[dict[str, Any]]:
+    """'lr=1e-3,3e-3 blocks=1,4' -> the cartesian product as a list of {key: value}, in spec order."""
+    path = Path(spec)
+    if "=" not in spec and path.is_file():
+        spec = path.read_text()
+    axes: list[tuple[str, list[Any]]] = []
+    for part in spec.split():
+        key, sep, values = part.partition("=")
+        if not sep or key not in GRID_KEYS or not values:
+            raise ValueError(f"--grid: {part!r} is not KEY=V1,V2 with a key from {', '.join(GRID_KEYS)}")
+        if key in dict(axes):
+            raise ValueError(f"--grid: {key} is given twice")
+        kind = GRID_KEYS[key][1]
+        try:
+            parsed = [_parse_value(v, kind) for v in values.split(",")]
+        except ValueError:
+            raise ValueError(f"--grid: {part!r} has a value that is not a {kind.__name__}") from None
+        axes.append((key, parsed))
+    if not axes:
+        raise ValueError("--grid: empty; give at least one KEY=V1,V2")
+    return [dict(zip([k for k, _ in axes], combo)) for combo in itertools.product(*[v for _, v in axes])]
+
+
+def _parse_value(text: str, kind: type) -> Any:
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(text)
+    value = kind(text)
+    if kind is float and not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+def member_name(combo: dict[str, Any]) -> str:
+    """'lae-lr0.003-blocks4-pos1': the grid point's values in spec order; 'lae-defaults' for none."""
+    if not combo:
+        return "lae-defaults"
+    return "lae-" + "-".join(f"{k}{int(v) if isinstance(v, (bool, int)) else format(v, 'g')}" for k, v in combo.items())
+
+
+def candidates(base: LAEConfig, options: dict[str, Any]) -> list[tuple[str, LAEConfig, dict[str, Any]]]:
+    """A search's adaptors: (name, config, changes to the training options) for every point of
+    ``options["grid"]`` (the defaults alone without one). Bad points are one-line TrainingErrors."""
+    combos = parse_grid(options["grid"]) if options.get("grid") else [{}]
+    found: list[tuple[str, LAEConfig, dict[str, Any]]] = []
+    for combo in combos:
+        cfg = replace(base, **{GRID_KEYS[k][0]: v for k, v in combo.items() if GRID_KEYS[k][2] == "cfg"})
+        try:
+            cfg.validate()
+        except ValueError as e:
+            raise TrainingError(f"--grid point {member_name(combo)}: {e}") from None
+        name = member_name(combo)
+        if name in [n for n, _, _ in found]:
+            raise TrainingError(f"--grid: {name} appears twice")
+        found.append((name, cfg, {GRID_KEYS[k][0]: v for k, v in combo.items() if GRID_KEYS[k][2] == "opt"}))
+    return found
+
+
+
 def reads(cfg: LAEConfig) -> str:
     return "features" if cfg.pos_embed else "maps"  # as build: the readable LAE, or the fast path
 
 
 KIND = ModelKind(name="lae", trains="steps", config=LAEConfig, build=build, from_checkpoint=from_checkpoint,
                  memory_bytes=memory_bytes, inference_bytes=inference_bytes, shipped_values=shipped_values,
-                 describe=describe, parameter_count=parameter_count, reads=reads, init=init_params)
+                 describe=describe, parameter_count=parameter_count, reads=reads, candidates=candidates,
+                 init=init_params, takes_grid=True)

@@ -18,6 +18,27 @@ from .threads import set_blas_threads
 from .validate import require_memory
 
 
+class KindChoice(click.Choice):
+    """``--model``: a registered model kind (device/kinds.py) or ``auto``. The registry loads NumPy, so it is
+    read when the value is checked or the help is shown, after ``--threads`` has been applied."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+
+    @property
+    def choices(self) -> list[str]:
+        from .kinds import KINDS
+
+        return [*KINDS, "auto"]
+
+    @choices.setter
+    def choices(self, _value: object) -> None:
+        pass
+
+
+KIND_CHOICE = KindChoice()
+
+
 def open_set(path: str, verify: bool = False):
     from mist.formats import FeatureSet
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .cli_common import SectionedCommand
-from .cli_options import open_set, progress_option, threads_option
+from .cli_options import KIND_CHOICE, open_set, progress_option, threads_option
 from .validate import SEED, finite_float, memory_option, require_memory
 
 
@@ -57,7 +57,7 @@ from .validate import SEED, finite_float, memory_option, require_memory
 @click.option("--step-metrics", is_flag=True,
               help="Also append a per-step record ({\"kind\": \"step\", ...}) to RUN_DIR/metrics.jsonl, "
                    "every step or every --log-every N.")
-@click.option("--model", "model_kind", type=click.Choice(["lae", "probe", "auto"]), default="lae",
+@click.option("--model", "model_kind", type=KIND_CHOICE, default="lae",
               help="lae: the adaptor; probe: standardised logistic regression (pooled and flattened, several L2) "
               "chosen on validation; auto: probes and adaptors (--grid) in one validated search, keeping the best.")
 @click.option("--grid", default=None,
@@ -106,13 +106,12 @@ def train(train_set: str, run_dir: str, val_set: str | None, val_split: float, r
                         warmup_epochs=warmup, label_smoothing=label_smoothing, grad_clip=grad_clip, seed=seed,
                         val_split=0.0 if val_fs is not None else val_split, save_every=save_every,
                         warmup_fraction=warmup_fraction, val_seed=val_seed)
-    search = grid is not None or model_kind != "lae"
-    members, fitted = {"lae-defaults": (cfg, opts)}, []
-    if search:
-        try:
-            members, fitted = search_plan(model_kind, grid, cfg, opts, probe_features)
-        except ValueError as e:
-            raise click.UsageError(str(e)) from None
+    try:
+        members, fitted = search_plan(model_kind, cfg, opts, {"grid": grid, "probe_features": probe_features})
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    # One adaptor and nothing else is a plain run (last/best/metrics); anything more is a search.
+    search = len(members) != 1 or bool(fitted) or grid is not None
     val_rows = int((val_fs.labels >= 0).sum()) if val_fs is not None else round(val_split * len(train_fs))
     estimate = training_bytes([c for c, _ in members.values()], fitted, min(batch_size, len(train_fs)),
                               len(train_fs), val_rows, train_fs.manifest.row_shape, train_fs.read_dtype.itemsize,

@@ -1,9 +1,10 @@
 """``train --grid`` and ``--model probe|lae|auto``: which models a search trains, and which one it keeps.
 
-A search is a run of device/train.py's one loop with many members: every adaptor configuration of the grid
-trains side by side on batches prepared once, and the probes (device/probe.py) are fitted before the first
-epoch. All members share the epochs, the batch size, the shuffle and the validation split, so they differ
-only in what the grid varies.
+A search is a run of device/train.py's one loop with many members. Every registered kind (device/kinds.py)
+offers its candidates: the adaptor one per point of ``--grid`` (device/adaptor.py), the probe one per feature
+kind and L2 strength (device/probe.py). Kinds trained by steps train side by side on batches prepared once;
+fitted kinds are fitted before the first epoch. All members share the epochs, the batch size, the shuffle and
+the validation split, so they differ only in what the grid varies.
 
 At the end the member with the best validation accuracy (ties: lower validation loss, then the simpler
 model: probes before adaptors, in grid order) becomes the run's ``best.safetensors``; every member's best is
@@ -12,111 +13,39 @@ kept in ``members/``, and the table is printed and written to ``grid.json``.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from mist.formats import FeatureSet, load_checkpoint, save_checkpoint
 from mist.formats.atomic import atomic_write_bytes
 
-from .kinds import describe, kind_of, model_checkpoint, shipped_bytes_per_image
+from .kinds import KINDS, describe, kind_named, kind_of, model_checkpoint, shipped_bytes_per_image
 from .lae import LAEConfig
-from .probe import FEATURES, ProbeConfig
 from .record import feature_set_record
 from .run_state import BEST, GRID_TABLE, MEMBERS
-from .train import Trainer, TrainingError, TrainOptions
-
-# grid key -> (field, type, which object it sets): the adaptor's config or the member's optimiser options
-GRID_KEYS: dict[str, tuple[str, type, str]] = {
-    "lr": ("lr", float, "opt"), "wd": ("weight_decay", float, "opt"), "ls": ("label_smoothing", float, "opt"),
-    "blocks": ("blocks_per_group", int, "cfg"), "rank": ("rank", int, "cfg"), "heads": ("heads", int, "cfg"),
-    "pos": ("pos_embed", bool, "cfg"),
-}
-PROBE_FEATURES = FEATURES
-PROBE_L2 = (1e-3, 1e-2, 1e-1, 1.0)
+from .train import Trainer, TrainOptions
 
 
-def parse_grid(spec: str) -> list[dict[str, Any]]:
-    """'lr=1e-3,3e-3 blocks=1,4' -> the cartesian product as a list of {key: value}, in spec order."""
-    path = Path(spec)
-    if "=" not in spec and path.is_file():
-        spec = path.read_text()
-    axes: list[tuple[str, list[Any]]] = []
-    for part in spec.split():
-        key, sep, values = part.partition("=")
-        if not sep or key not in GRID_KEYS or not values:
-            raise ValueError(f"--grid: {part!r} is not KEY=V1,V2 with a key from {', '.join(GRID_KEYS)}")
-        if key in dict(axes):
-            raise ValueError(f"--grid: {key} is given twice")
-        kind = GRID_KEYS[key][1]
-        try:
-            parsed = [_parse_value(v, kind) for v in values.split(",")]
-        except ValueError:
-            raise ValueError(f"--grid: {part!r} has a value that is not a {kind.__name__}") from None
-        axes.append((key, parsed))
-    if not axes:
-        raise ValueError("--grid: empty; give at least one KEY=V1,V2")
-    return [dict(zip([k for k, _ in axes], combo)) for combo in itertools.product(*[v for _, v in axes])]
-
-
-def _parse_value(text: str, kind: type) -> Any:
-    if kind is bool:
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(text)
-    value = kind(text)
-    if kind is float and not math.isfinite(value):
-        raise ValueError(text)
-    return value
-
-
-def member_name(combo: dict[str, Any]) -> str:
-    """'lae-lr0.003-blocks4-pos1': the grid point's values in spec order; 'lae-defaults' for none."""
-    if not combo:
-        return "lae-defaults"
-    return "lae-" + "-".join(f"{k}{int(v) if isinstance(v, (bool, int)) else format(v, 'g')}" for k, v in combo.items())
-
-
-def member_specs(combos: list[dict[str, Any]], base_cfg: LAEConfig,
-                 opts: TrainOptions) -> dict[str, tuple[LAEConfig, TrainOptions]]:
-    """name -> (adaptor config, training options) for every grid point; one-line TrainingErrors."""
-    specs: dict[str, tuple[LAEConfig, TrainOptions]] = {}
-    for combo in combos:
-        cfg = replace(base_cfg, **{GRID_KEYS[k][0]: v for k, v in combo.items() if GRID_KEYS[k][2] == "cfg"})
-        try:
-            cfg.validate()
-        except ValueError as e:
-            raise TrainingError(f"--grid point {member_name(combo)}: {e}") from None
-        name = member_name(combo)
-        if name in specs:
-            raise TrainingError(f"--grid: {name} appears twice")
-        specs[name] = (cfg, replace(opts, **{GRID_KEYS[k][0]: v for k, v in combo.items() if GRID_KEYS[k][2] == "opt"}))
-    return specs
-
-
-def probe_configs(base_cfg: LAEConfig, features: tuple[str, ...] = PROBE_FEATURES,
-                  l2_values: tuple[float, ...] = PROBE_L2) -> list[ProbeConfig]:
-    return [ProbeConfig(dim=base_cfg.dim, tokens=base_cfg.tokens, groups=base_cfg.groups,
-                        num_classes=base_cfg.num_classes, features=f, l2=l2, input_scale=base_cfg.input_scale)
-            for f in features for l2 in l2_values]
-
-
-def search_plan(model: str, grid: str | None, base_cfg: LAEConfig, opts: TrainOptions,
-                probe_features: str = "both") -> tuple[dict[str, tuple[LAEConfig, TrainOptions]], list[ProbeConfig]]:
-    """The members (adaptors) and fitted models (probes) of ``--model``/``--grid``; usage errors are
-    ValueErrors, bad grid points TrainingErrors."""
-    if model == "probe" and grid:
-        raise ValueError("--grid varies the adaptor; --model probe has no adaptor (use --model auto)")
-    combos = parse_grid(grid) if grid else ([] if model == "probe" else [{}])
-    features = PROBE_FEATURES if probe_features == "both" else (probe_features,)
-    probes = probe_configs(base_cfg, features) if model in ("probe", "auto") else []
-    return member_specs(combos, base_cfg, opts), probes
+def search_plan(model: str, base_cfg: LAEConfig, opts: TrainOptions, options: dict[str, Any]
+                ) -> tuple[dict[str, tuple[Any, TrainOptions]], list[Any]]:
+    """The members (kinds trained by steps: name -> (config, options)) and fitted configs of ``--model``
+    (a kind's name, or "auto" for every kind) with ``options`` (the CLI's ``grid``, ``probe_features``, ...).
+    Usage errors are ValueErrors, bad grid points TrainingErrors."""
+    kinds = list(KINDS.values()) if model == "auto" else [kind_named(model)]
+    if options.get("grid") and not any(k.takes_grid for k in kinds):
+        raise ValueError(f"--grid varies the adaptor; --model {model} has no adaptor (use --model auto)")
+    members: dict[str, tuple[Any, TrainOptions]] = {}
+    fitted: list[Any] = []
+    for kind in kinds:
+        for name, cfg, changes in kind.candidates(base_cfg, options):
+            if kind.trains == "steps":
+                members[name] = (cfg, replace(opts, **changes))
+            else:
+                fitted.append(cfg)
+    return members, fitted
 
 
 # ---- the choice ----------------------------------------------------------------------------------------
@@ -150,10 +79,8 @@ def finish(trainer: Trainer, memory_bytes: int) -> dict[str, Any]:
     ranked = sorted(range(len(rows)), key=lambda i: (-(rows[i]["val_acc"] if rows[i]["val_acc"] is not None
                                                         else -math.inf), rows[i]["val_loss"] or 0.0, i))
     chosen = rows[ranked[0]]
-    best_probe = next((rows[i] for i in ranked if rows[i]["kind"] == "probe"), None)
-    best_lae = next((rows[i] for i in ranked if rows[i]["kind"] == "lae"), None)
     reason = f"highest validation accuracy ({chosen['val_acc']:.4f} on {len(trainer.val_rows)} rows)"
-    other = best_lae if chosen["kind"] == "probe" else best_probe
+    other = next((rows[i] for i in ranked if rows[i]["kind"] != chosen["kind"]), None)  # the best of another kind
     if other is not None:
         reason += f"; the best {other['kind']} ({other['name']}) validated {other['val_acc']:.4f}"
     classes, record = trainer.train_set.manifest.classes, feature_set_record(trainer.train_set)
@@ -189,13 +116,18 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def run_search(run_dir: str, train_set: FeatureSet, val_set: FeatureSet | None, base_cfg: LAEConfig,
-               members: dict[str, Any], fitted: list[ProbeConfig], opts: TrainOptions, patience: int,
+               members: dict[str, Any], fitted: list[Any], opts: TrainOptions, patience: int,
                memory_bytes: int, resume: bool, overwrite: bool, log: Callable[[str], None]) -> dict[str, Any]:
     """Train the search, then choose; errors are one-line TrainingErrors (and ValueErrors for usage)."""
     trainer = Trainer(run_dir, train_set, val_set, base_cfg, opts, log=log, members=members, fitted=fitted,
                       search=True, patience=patience)
-    log(f"training {len(members)} adaptors and {len(fitted)} probes together on {len(trainer.train_rows)} train / "
-        f"{len(trainer.val_rows)} val rows; memory estimate {memory_bytes / 2**20:,.1f} MiB")
+    log(f"training {_count(len(members), 'adaptor')} and {_count(len(fitted), 'probe')} together on "
+        f"{len(trainer.train_rows)} train / {len(trainer.val_rows)} val rows; memory estimate "
+        f"{memory_bytes / 2**20:,.1f} MiB")
     trainer.fit(resume=resume, overwrite=overwrite)
     return finish(trainer, memory_bytes)
 
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"

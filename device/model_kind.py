@@ -34,7 +34,11 @@ class ModelKind:
     describe: Callable[[Any], str]  # one line for tables and logs
     parameter_count: Callable[[Any], int]
     reads: Callable[[Any], str]  # config -> "maps" or "features": what its models' forward takes from a Batch
+    # (base adaptor config carrying the set's sizes, the CLI's search options) -> [(name, config, changes to
+    # the training options)]: what ``--model NAME`` (or auto) trains and compares
+    candidates: Callable[[Any, dict[str, Any]], list[tuple[str, Any, dict[str, Any]]]]
     init: Callable[[Any, int], dict[str, np.ndarray]] | None = None  # steps: (config, seed) -> params
+    takes_grid: bool = False  # whether --grid varies its candidates
     # fit: (configs, train features, train labels, val features or None, val labels) -> [(name, model, report)]
     # for a batch of configs sharing one read of the rows (float32 (n, k, T, d) features)
     fit: Callable[..., list[tuple[str, Any, dict[str, Any]]]] | None = None

@@ -229,6 +229,19 @@ def fit_probe(cfg: ProbeConfig, f_train: np.ndarray, labels: np.ndarray,
     return Probe(cfg, params), {"train_loss": loss, "iterations": iterations}
 
 
+L2_VALUES = (1e-3, 1e-2, 1e-1, 1.0)  # a search's L2 strengths, a decade apart
+
+
+def candidates(base: Any, options: dict[str, Any]) -> list[tuple[str, ProbeConfig, dict[str, Any]]]:
+    """A search's probes: every L2 strength on the pooled maps, the flattened maps, or both
+    (``options["probe_features"]``); ``base`` is an adaptor config, for the set's sizes."""
+    chosen = options.get("probe_features", "both")
+    features = FEATURES if chosen == "both" else (chosen,)
+    cfgs = [ProbeConfig(dim=base.dim, tokens=base.tokens, groups=base.groups, num_classes=base.num_classes,
+                        features=f, l2=l2, input_scale=base.input_scale) for f in features for l2 in L2_VALUES]
+    return [(probe_name(c), c, {}) for c in cfgs]
+
+
 def probe_name(cfg: ProbeConfig) -> str:
     return f"probe-{cfg.features}-l2-{cfg.l2:g}"
 
@@ -301,4 +314,5 @@ def memory_bytes(cfg: ProbeConfig, rows: int, keeps_best: bool = False) -> tuple
 KIND = ModelKind(name="probe", trains="fit", config=ProbeConfig, build=Probe, from_checkpoint=from_checkpoint,
                  memory_bytes=memory_bytes, inference_bytes=inference_bytes,
                  shipped_values=lambda cfg: cfg.shipped_values(), describe=describe,
-                 parameter_count=parameter_count, reads=lambda cfg: Probe.reads, fit=fit_family)
+                 parameter_count=parameter_count, reads=lambda cfg: Probe.reads, candidates=candidates,
+                 fit=fit_family)

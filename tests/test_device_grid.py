@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from digits_sets import load_digits_tokens, write_digits_set
 from gradcheck import check_grad
 
+from mist.device.adaptor import parse_grid
 from mist.device.cli import main
-from mist.device.grid import parse_grid
 from mist.device.probe import ProbeConfig, fit_probe, loss_and_grad, probe_features, standardisation
 from mist.formats import load_checkpoint
 from mist.formats.safetensors_check import read_header
