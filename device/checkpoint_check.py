@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from mist.formats import Checkpoint, FormatError, Manifest
+from mist.formats import Checkpoint, FormatError
+from mist.formats.checkpoint import training_layout
 
 from .lae import LAE, LAEConfig
 
@@ -85,28 +85,9 @@ def adaptor_config(ckpt: Checkpoint, path: str | Path) -> LAEConfig:
     return cfg
 
 
-def training_layout(record: Any, where: str) -> Manifest:
-    """The manifest (without shards) of the set a checkpoint was trained on, read back and checked."""
-    if not isinstance(record, dict) or not isinstance(record.get("layout"), dict):
-        raise FormatError(f"{where}: checkpoint lacks the feature-set layout")
-    fingerprint = record.get("fingerprint")
-    if fingerprint is not None and not isinstance(fingerprint, str):
-        raise FormatError(f"{where}: checkpoint feature_set fingerprint must be a string")
-    return Manifest.from_json(record["layout"], source=f"{where} (feature_set layout)")
-
-
 def load_adaptor_model(ckpt: Checkpoint, path: str | Path) -> LAE:
     cfg = adaptor_config(ckpt, path)
     try:
         return LAE(cfg, {k: v.astype("float32") for k, v in ckpt.params.items()})
     except (KeyError, TypeError, ValueError) as e:
         raise FormatError(f"{path}: checkpoint config or weights do not form an LAE ({e})") from None
-
-
-def inference_record(record: dict[str, Any]) -> dict[str, Any]:
-    """What an exported adaptor keeps of its training set: the fingerprint and the layout, minus local paths
-    (the set's directory and the image source's root on the training machine)."""
-    layout = dict(record["layout"])
-    if isinstance(layout.get("dataset"), dict):
-        layout["dataset"] = {k: v for k, v in layout["dataset"].items() if k != "root"}
-    return {k: v for k, v in record.items() if k not in ("directory", "layout")} | {"layout": layout}

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import click
 
-from . import ship_commands
-from .cli_common import CONTEXT, completion_help, one_line_errors, os_error_message, package_version, teach
-from .output import csv_cell, json_text, terminal_text
+from mist.kit.cli import CONTEXT, completion_help, one_line_errors, os_error_message, package_version, teach
+from mist.kit.flags import SEED, finite_float, memory_option, require_memory
+from mist.kit.text import csv_cell, json_text, terminal_text
+from mist.ship import commands as ship_commands
+
 from .threads import set_blas_threads
-from .validate import SEED, finite_float, memory_option, require_memory
 
 
 def _open_set(path: str, verify: bool = False):
@@ -305,10 +306,9 @@ def _require_inference_memory(model, batch_size: int, rows: int) -> None:
 
 def _check_set_against(ckpt, ckpt_path: Path, fs, classes: bool = True) -> None:
     from mist.formats import check_compatible
+    from mist.formats.checkpoint import training_layout
 
-    from .train import layout_of
-
-    check_compatible(layout_of(ckpt.feature_set, str(ckpt_path)), fs.manifest, classes=classes)
+    check_compatible(training_layout(ckpt.feature_set, str(ckpt_path)), fs.manifest, classes=classes)
 
 
 @main.command()
@@ -458,7 +458,7 @@ def export(adaptor: str, out: str) -> None:
     ckpt, _, path = _load_adaptor(adaptor)
     if Path(out).resolve() == path.resolve():
         raise click.UsageError(f"{out} is the checkpoint being exported; choose another output file")
-    from .checkpoint_check import inference_record
+    from mist.formats.checkpoint import inference_record
 
     slim = Checkpoint(params=ckpt.params, config=ckpt.config, classes=ckpt.classes,
                       feature_set=inference_record(ckpt.feature_set), kind=ckpt.kind)

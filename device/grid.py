@@ -37,6 +37,8 @@ import numpy as np
 
 from mist.formats import Checkpoint, FeatureSet, FormatError, load_checkpoint, save_checkpoint
 from mist.formats.atomic import atomic_write_bytes
+from mist.formats.checkpoint import feature_set_record
+from mist.kit.machine import physical_memory
 
 from .lae import LAE, LAEConfig, count_params, loss_and_grads
 from .layers import softmax_cross_entropy
@@ -44,7 +46,7 @@ from .models import describe, make_lae, model_checkpoint, shipped_bytes_per_imag
 from .optim import AdamW, clip_grad_norm, lr_schedule
 from .probe import Probe, ProbeConfig, fit_memory_bytes, fit_probe, probe_features, standardisation
 from .schedule import warmup_steps
-from .train import BEST, TrainingError, TrainOptions, feature_set_record, read_finite, split_rows
+from .train import BEST, TrainingError, TrainOptions, read_finite, split_rows
 
 GRID_STATE, GRID_TABLE, MEMBERS = "grid-last.safetensors", "grid.json", "members"
 # grid key -> (field, type, which object it sets): the adaptor's config or the member's optimiser options
@@ -139,15 +141,6 @@ def memory_estimate(cfgs: list[LAEConfig], batch_size: int, probe_cfgs: list[Pro
     for p in widths.values():  # probes of one feature kind share one array of features
         total += fit_memory_bytes(rows, p)
     return total
-
-
-def physical_memory_bytes() -> int:
-    import os
-
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return 4 << 30
 
 
 class GridTrainer:
@@ -468,7 +461,7 @@ def run_grid(run_dir: str, train_set: FeatureSet, val_set: FeatureSet | None, ba
     features = PROBE_FEATURES if probe_features == "both" else (probe_features,)
     probes = probe_configs(base_cfg, features) if model in ("probe", "auto") else []
     trainer = GridTrainer(run_dir, train_set, val_set, base_cfg, opts, combos, probes, patience, log)
-    limit = memory_limit_mib * 2**20 if memory_limit_mib else physical_memory_bytes() / 2
+    limit = memory_limit_mib * 2**20 if memory_limit_mib else (physical_memory() or 4 << 30) / 2
     if trainer.memory_bytes > limit:
         raise TrainingError(f"--grid: {len(combos)} adaptors and {len(probes)} probes need about "
                             f"{trainer.memory_bytes / 2**20:,.0f} MiB, more than the limit of {limit / 2**20:,.0f} MiB "

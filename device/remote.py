@@ -180,10 +180,10 @@ def predict_images(model: Any, classes: list[str], server: RemoteBackbone, image
 def run(ckpt: Any, model: Any, checkpoint: Path, url: str, images: list[str], token: str | None,
         ca_cert: str | None, top_k: int, fmt: str) -> tuple[str, int]:
     """``predict --server``: check the server against the checkpoint, classify ``images``; (text, count)."""
-    from .train import layout_of
+    from mist.formats.checkpoint import training_layout
 
     server = RemoteBackbone(url, token, ca_cert)
-    check_server(server, layout_of(ckpt.feature_set, str(checkpoint)), checkpoint)
+    check_server(server, training_layout(ckpt.feature_set, str(checkpoint)), checkpoint)
     records = predict_images(model, ckpt.classes, server, images, top_k)
     return format_records(records, top_k, fmt), len(records)
 

@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from mist.formats import Checkpoint, FeatureSet, FormatError, Manifest, load_checkpoint, save_checkpoint
+from mist.formats import Checkpoint, FeatureSet, FormatError, load_checkpoint, save_checkpoint
 from mist.formats.atomic import atomic_write_bytes
+from mist.formats.checkpoint import feature_set_record
 
 from .checkpoint_check import adaptor_config
 from .fast_lae import FastLAE, build_model
@@ -128,19 +129,6 @@ def evaluate_rows(model: LAE, fs: FeatureSet, rows: np.ndarray, batch_size: int 
         "logits": logits,
         "labels": labels,
     }
-
-
-def feature_set_record(fs: FeatureSet) -> dict[str, Any]:
-    """What a checkpoint remembers of its training set: identity plus layout, for compatibility checks."""
-    layout = fs.manifest.with_shards([], complete=False).to_json()
-    return {"fingerprint": fs.fingerprint, "directory": str(fs.directory), "layout": layout}
-
-
-def layout_of(record: dict[str, Any], source: str) -> Manifest:
-    try:
-        return Manifest.from_json(record["layout"], source=f"{source} (feature_set layout)")
-    except (KeyError, TypeError):
-        raise FormatError(f"{source}: checkpoint lacks the feature-set layout") from None
 
 
 def build_config(fs: FeatureSet, **overrides: Any) -> LAEConfig:
