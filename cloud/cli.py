@@ -1,6 +1,6 @@
 """``mist-cloud``: run a frozen timm backbone over images and write Gather* summed features.
 
-The click conventions and flag types come from ``mist.kit``, shared with ``mist-device``; ``push`` is
+The click conventions and flag types come from ``mist.kit``, shared with the device CLI; ``push`` is
 ``mist.ship.commands.push``, registered here.
 
 torch and timm are imported inside the commands, so ``--help`` and ``--version`` answer at once.

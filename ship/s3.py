@@ -30,14 +30,6 @@ class S3Store:
         self.bucket, self.prefix, self.client = bucket, prefix.strip("/"), client
         self.part_size = max(part_size, MIN_PART_SIZE)
 
-    @classmethod
-    def from_url(cls, url: str, endpoint_url: str | None = None, part_size: int | None = None) -> S3Store:
-        """``s3://bucket/prefix``, with a client for ``endpoint_url`` (default: $MIST_S3_ENDPOINT_URL, else AWS)."""
-        bucket, _, prefix = url.partition("://")[2].partition("/")
-        if not bucket:
-            raise ShipError(f"{url}: the URL names no bucket (s3://bucket/prefix)")
-        return cls(bucket, prefix, s3_client(endpoint_url, url), part_size=part_size or DEFAULT_PART_SIZE)
-
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
 
@@ -139,6 +131,14 @@ class S3Store:
             by_folder.setdefault(folder, {})[name] = size
         for folder in sorted(by_folder):
             yield S3Store(self.bucket, folder, self.client), by_folder[folder]
+
+
+def from_url(url: str, endpoint_url: str | None = None, part_size: int | None = None) -> S3Store:
+    """``s3://bucket/prefix``, with a client for ``endpoint_url`` (default: $MIST_S3_ENDPOINT_URL, else AWS)."""
+    bucket, _, prefix = url.partition("://")[2].partition("/")
+    if not bucket:
+        raise ShipError(f"{url}: the URL names no bucket (s3://bucket/prefix)")
+    return S3Store(bucket, prefix, s3_client(endpoint_url, url), part_size=part_size or DEFAULT_PART_SIZE)
 
 
 def _regroup(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:

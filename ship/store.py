@@ -5,19 +5,25 @@ like. The copy, verify and list code (``copy.py``, ``listing.py``) sees only the
 nothing there asks which kind of store it has.
 
 Adding a store is one new file and one registration line: write ``ship/<scheme>.py`` with a class that has
-every method of ``Store`` plus a ``from_url(url, endpoint_url, part_size)`` class method (``s3.py`` is the
-example; import heavy client libraries inside its methods, so the base install never needs them), then add
-``"<scheme>": <Class>`` to ``_url_stores`` below.
+every method of ``Store`` and a module-level ``from_url(url, endpoint_url, part_size)`` that returns one
+(``s3.py`` is the example; import heavy client libraries inside functions, so the base install never needs
+them), then add ``"<scheme>": "mist.ship.<scheme>"`` to ``URL_STORES`` below.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from importlib import import_module
 from typing import Protocol
 
 from mist.formats import FormatError
 
 CHUNK = 4 << 20  # bytes per read while streaming
+
+# URL scheme -> the module of its store, whose from_url opens such a URL; imported only when one is opened.
+URL_STORES = {
+    "s3": "mist.ship.s3",
+}
 
 
 class ShipError(FormatError):
@@ -68,13 +74,6 @@ class Store(Protocol):
         of its own, with its files and their sizes: what ``ls`` looks through for feature sets."""
 
 
-def _url_stores() -> dict[str, Callable[..., Store]]:
-    """Scheme -> the ``from_url`` of its store. One line per store; imported when a URL is opened."""
-    from .s3 import S3Store
-
-    return {"s3": S3Store.from_url}
-
-
 def is_url(text: str) -> bool:
     return "://" in text
 
@@ -87,8 +86,7 @@ def open_store(url_or_path: str, endpoint_url: str | None = None, part_size: int
     if not is_url(url_or_path):
         return LocalStore(url_or_path)
     scheme = url_or_path.partition("://")[0]
-    stores = _url_stores()
-    if scheme not in stores:
-        urls = ", ".join(f"{s}://" for s in stores)
+    if scheme not in URL_STORES:
+        urls = ", ".join(f"{s}://" for s in URL_STORES)
         raise ShipError(f"{url_or_path}: only local paths and {urls} URLs are supported")
-    return stores[scheme](url_or_path, endpoint_url, part_size)
+    return import_module(URL_STORES[scheme]).from_url(url_or_path, endpoint_url, part_size)
