@@ -22,8 +22,6 @@ BAR_WIDTH = 24
 REDRAW_S = 0.1  # a bar redrawn more often only costs terminal time
 ERASE_LINE = "\r\x1b[K"
 
-Text = str | Callable[[], str]  # a callable is only called when its text is drawn
-
 
 def resolve_mode(mode: str, stream: TextIO, off_terminal: str = "lines") -> str:
     """``auto``: a bar on a terminal, ``off_terminal`` otherwise (a log file, CI, a pipe)."""
@@ -38,7 +36,7 @@ def gauge(done: float, total: float, width: int = BAR_WIDTH) -> str:
     return f"[{'#' * filled}{'-' * (width - filled)}]"
 
 
-def _text(text: Text) -> str:
+def _text(text: str | Callable[[], str]) -> str:
     return text() if callable(text) else text
 
 
@@ -49,9 +47,10 @@ class TerminalBar:
         self.stream, self.every_s = stream, every_s
         self._last: float | None = None  # when the last frame was drawn; None: nothing on the line
 
-    def draw(self, text: Text, force: bool = False) -> None:
+    def draw(self, text: str | Callable[[], str], force: bool = False) -> None:
         """Show ``text`` as the line's new frame, unless the last frame is younger than ``every_s`` (and not
-        ``force``, which the last frame of a pass uses so it always shows)."""
+        ``force``, which the last frame of a pass uses so it always shows). A callable is called only when
+        its frame is drawn."""
         now = time.perf_counter()
         if not force and self._last is not None and now - self._last < self.every_s:
             return
@@ -73,7 +72,7 @@ class LineLog:
         self.log, self.every_s = log, every_s
         self._last = time.perf_counter()  # the first line waits ``every_s`` from the start
 
-    def write(self, text: Text, force: bool = False) -> None:
+    def write(self, text: str | Callable[[], str], force: bool = False) -> None:
         now = time.perf_counter()
         if not force and now - self._last < self.every_s:
             return
