@@ -82,7 +82,7 @@ def write_set(directory: Path, shards: int, shard_mib: int) -> None:
 
 def plain_copy(store, dest: Path, names: list[str], fsync: bool) -> None:
     """The unverified reference: the same client, the same chunk size, straight into the final names."""
-    from mist.formats.ship import CHUNK
+    from mist.ship.store import CHUNK
 
     dest.mkdir(parents=True)
     for name in names:
@@ -106,7 +106,9 @@ def main() -> None:
     import boto3
     import botocore
 
-    from mist.formats.ship import LocalStore, S3Store, copy_set, s3_client
+    from mist.ship.copy import copy_set
+    from mist.ship.local import LocalStore
+    from mist.ship.s3 import S3Store, s3_client
 
     port = free_port()
     os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",

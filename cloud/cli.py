@@ -1,5 +1,8 @@
 """``mist-cloud``: run a frozen timm backbone over images and write Gather* summed features.
 
+The click conventions and flag types come from ``mist.kit``, shared with the device CLI; ``push`` is
+``mist.ship.commands.push``, registered here.
+
 torch and timm are imported inside the commands, so ``--help`` and ``--version`` answer at once.
 """
 
@@ -10,15 +13,10 @@ from pathlib import Path
 
 import click
 
-from mist.device.cli_common import (
-    CONTEXT,
-    completion_help,
-    one_line_errors,
-    os_error_message,
-    package_version,
-    teach,
-)
-from mist.device.validate import SEED, finite_float, memory_limit, memory_option
+from mist.kit.cli import CONTEXT, completion_help, one_line_errors, os_error_message, package_version, teach
+from mist.kit.flags import SEED, finite_float, memory_flag, memory_limit, memory_option
+from mist.kit.progress import MODES
+from mist.ship import commands as ship_commands
 
 from .errors import CloudError
 
@@ -137,7 +135,7 @@ def _weights_choice(pretrained: bool, weights: str | None, random_init: bool) ->
 @click.option("--overwrite", is_flag=True, help="Replace an existing set instead of resuming it.")
 @click.option("--device", default="cpu",
               help="Where the backbone runs: cpu, cuda, cuda:N, or auto (cuda when available).")
-@click.option("--progress", type=click.Choice(["auto", "bar", "lines", "none"]), default="auto",
+@click.option("--progress", type=click.Choice(MODES), default="auto",
               help="auto: a bar on a terminal, periodic lines otherwise.")
 @click.option("--autocast", type=click.Choice(["auto", "off", "bf16", "fp16"]), default="auto",
               help="Forward in bf16/fp16 autocast (sums stay fp32). auto: bf16 for ViTs on CUDA, else off; "
@@ -164,7 +162,7 @@ def extract(model: str, pretrained: bool, weights: str | None, random_init: bool
         overwrite=overwrite, img_size=img_size, model_kwargs=model_kwargs, device=device, progress=progress,
         crop_pct=crop_pct, crop_mode=crop_mode, interpolation=interpolation, pool=pool,
         autocast=autocast,
-        max_memory=memory_limit()[0],
+        max_memory=memory_limit(memory_flag())[0],
     )
     run(cfg, log=_log)
 
@@ -200,7 +198,7 @@ def info(model: str, img_size: int | None, model_kwargs: dict | None) -> None:
     from .resources import address_space_limit
     from .taps import find_layers, probe, recipe_for
 
-    limit = memory_limit()[0]
+    limit = memory_limit(memory_flag())[0]
     if img_size and limit is not None and 4 * 3 * img_size**2 > limit:
         raise CloudError(f"--img-size {img_size}: one input image alone needs more than the memory allowed")
     with address_space_limit(limit, f"{model} at its input size"):
@@ -242,37 +240,6 @@ def same_shape_runs(shapes: list[tuple[int, int]]) -> list[list[int]]:
         else:
             runs.append([i])
     return runs
-
-
-@main.command(short_help="Ship a feature set to a USB stick or a bucket, verified.", epilog="""\b
-Examples:
-  mist-cloud push feats/train /media/usb/fmnist-train
-  mist-cloud push feats/train s3://mist-sets/fmnist/train --endpoint-url http://minio.lan:9000
-  mist-cloud push feats/train s3://mist-sets/fmnist/train --part-size 128 --json""")
-@click.argument("feature_set")
-@click.argument("destination")
-@click.option("--endpoint-url", metavar="URL", default=None,
-              envvar=["MIST_PUSH_ENDPOINT_URL", "MIST_S3_ENDPOINT_URL"],
-              help="An S3-compatible endpoint (MinIO, Ceph, R2), e.g. http://minio:9000. "
-                   "Credentials: the usual AWS variables, files, profiles.")
-@click.option("--part-size", type=click.IntRange(5, 5120), default=64,
-              help="MiB per part; larger shards upload in parts, each retried with backoff.")
-@click.option("--overwrite", is_flag=True, help="Replace a different feature set already at DESTINATION.")
-@click.option("--max-rate", type=finite_float(0, min_open=True), default=None, help="Cap at this many MiB/s.")
-@click.option("--progress", type=click.Choice(["auto", "bar", "lines", "none"]), default="auto",
-              help="On stderr. auto: a bar on a terminal, one line per shard otherwise.")
-@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
-def push(feature_set: str, destination: str, endpoint_url: str | None, part_size: int, overwrite: bool,
-         max_rate: float | None, progress: str, as_json: bool) -> None:
-    """Ship FEATURE_SET to DESTINATION: s3://bucket/prefix, or a folder such as a mounted USB stick.
-
-    Every shard's sha256 is checked as it is read and the object is committed only when it matches; the
-    manifest goes last. Rerun after an interruption: shards already there and verified are skipped.
-    """
-    from mist.formats.ship_progress import run_copy
-
-    run_copy("push", feature_set, destination, endpoint_url, overwrite=overwrite, max_rate_mib=max_rate,
-             part_size_mib=part_size, as_json=as_json, progress=progress)
 
 
 @main.command()
@@ -416,5 +383,7 @@ Every option also reads an environment variable, MIST_<COMMAND>_<OPTION>, e.g. M
 (each command's --help names them).
 
 """ + completion_help("mist-cloud")
+
+main.add_command(ship_commands.push)
 
 teach(main, _SHORT_HELP, _EPILOGS, _SECTIONS, _METAVARS, _OPTION_HELP)

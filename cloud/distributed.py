@@ -36,8 +36,9 @@ import torch.distributed as dist
 
 from mist.formats import Manifest
 from mist.formats.atomic import atomic_write_bytes, atomic_write_json
-from mist.formats.feature_set import sha256_file, write_shard
+from mist.formats.feature_set import sha256_file
 from mist.formats.manifest import MANIFEST_NAME, Shard
+from mist.formats.writer import write_shard
 
 from .errors import CloudError
 

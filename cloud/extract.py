@@ -15,15 +15,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import numpy as np
 import torch
 
-from mist.device.validate import memory_limit, memory_problem
 from mist.formats import FeatureSet, FeatureSetWriter, Manifest
 from mist.formats.atomic import atomic_write_bytes
 from mist.formats.quant import SCHEMES, QuantError, bytes_per_row
-from mist.formats.ship import MAX_SHARD_BYTES, capped_shard_rows
+from mist.formats.writer import MAX_SHARD_BYTES, capped_shard_rows
+from mist.kit.flags import memory_limit, memory_problem
+from mist.kit.progress import LineLog, TerminalBar, gauge, resolve_mode
+from mist.kit.text import format_duration
 
 from . import distributed
 from .backbones import make_transform
@@ -260,17 +261,16 @@ class _SkipList:
 
 
 class _Progress:
+    """Images done of ``total``: a bar on a terminal, a line every ``every`` seconds in a log (mist.kit.progress).
+
+    Skipped images count towards ``total`` but not towards the rate, which is of images actually extracted.
+    """
+
     def __init__(self, total: int, mode: str, every: float, log: Log):
-        if mode == "auto":
-            mode = "bar" if sys.stderr.isatty() else "lines"
-        self.total, self.mode, self.every, self.log = total, mode, every, log
+        self.total, self.mode = total, resolve_mode(mode, sys.stderr)
         self.done = self.rows = 0
-        self.start = self.last = time.perf_counter()
-        self.bar = None
-        if mode == "bar":
-            self.bar = click.progressbar(length=total, label="extracting", file=sys.stderr,
-                                         show_pos=True, show_eta=True)
-            self.bar.__enter__()
+        self.start = time.perf_counter()
+        self.bar, self.lines = TerminalBar(sys.stderr), LineLog(log, every)
 
     def skipped(self, n: int) -> None:
         self._advance(n)
@@ -283,25 +283,15 @@ class _Progress:
         if n == 0:
             return
         self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-            return
-        now = time.perf_counter()
-        if self.mode == "lines" and now - self.last >= self.every:
-            self.last = now
-            rate = self.rows / (now - self.start)
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            self.log(f"{self.done}/{self.total} images, {rate:.1f} images/s, ETA {_duration(eta)}")
+        if self.mode == "bar":
+            self.bar.draw(lambda: f"extracting {gauge(self.done, self.total)} {self._counts()}")
+        elif self.mode == "lines":
+            self.lines.write(self._counts)
+
+    def _counts(self) -> str:
+        rate = self.rows / max(time.perf_counter() - self.start, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        return f"{self.done}/{self.total} images, {rate:.1f} images/s, ETA {format_duration(eta)}"
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
-
-
-def _duration(seconds: float) -> str:
-    if not np.isfinite(seconds):
-        return "?"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+        self.bar.clear()

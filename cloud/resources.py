@@ -5,12 +5,17 @@ The guard:
 - ``address_space_limit`` wraps the one-image probe forward (and model construction): an ``--img-size`` or
   ``--model-kwargs`` that would need more than the allowed memory makes torch's allocator fail at once,
   which is turned into a ``CloudError``, instead of the process swelling until it is killed.
+
+The process's present address space is read through ``mist.kit.machine``, like every memory figure.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+
+from mist.kit.machine import address_space_used
+from mist.kit.text import format_bytes
 
 from .errors import CloudError
 
@@ -23,21 +28,10 @@ except ImportError:  # pragma: no cover
 _ADDRESS_SLACK = 4 * 1024**3
 
 
-def _address_space_now() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmSize:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 @contextlib.contextmanager
 def address_space_limit(extra_bytes: int | None, what: str) -> Iterator[None]:
     """Let the process grow by at most ``extra_bytes`` (plus slack) inside the block; refuse beyond."""
-    now = _address_space_now()
+    now = address_space_used()
     if resource is None or extra_bytes is None or now is None:
         yield
         return
@@ -54,12 +48,8 @@ def address_space_limit(extra_bytes: int | None, what: str) -> Iterator[None]:
         text = str(e)
         if isinstance(e, RuntimeError) and "alloc" not in text.lower() and "memory" not in text.lower():
             raise
-        raise CloudError(f"{what} needs more memory than allowed ({_gib(extra_bytes)} GiB: --max-memory, or "
+        raise CloudError(f"{what} needs more memory than allowed ({format_bytes(extra_bytes)}: --max-memory, or "
                          "what this machine has available); lower --img-size, --model-kwargs or raise "
                          "--max-memory") from None
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-
-
-def _gib(n: int) -> str:
-    return f"{n / 1024**3:.1f}"

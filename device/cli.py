@@ -11,10 +11,12 @@ from pathlib import Path
 
 import click
 
-from . import cli_results, cli_train, ship_commands
-from .cli_common import CONTEXT, completion_help, one_line_errors, os_error_message, package_version, teach
+from mist.kit.cli import CONTEXT, completion_help, one_line_errors, os_error_message, package_version, teach
+from mist.kit.text import json_text, terminal_text
+from mist.ship import commands as ship_commands
+
+from . import cli_results, cli_train
 from .cli_options import open_set
-from .output import json_text, terminal_text
 
 
 def _user_error_message(e: Exception) -> str | None:

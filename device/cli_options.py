@@ -13,9 +13,10 @@ from typing import Any
 
 import click
 
-from .output import terminal_text
+from mist.kit.flags import require_memory
+from mist.kit.text import terminal_text
+
 from .threads import set_blas_threads
-from .validate import require_memory
 
 
 class KindChoice(click.Choice):
@@ -91,8 +92,7 @@ def require_inference_memory(model: Any, batch_size: int, rows: int) -> None:
 
 def check_set_against(ckpt: Any, ckpt_path: Path, fs: Any, classes: bool = True) -> None:
     from mist.formats import check_compatible
-
-    from .record import training_layout
+    from mist.formats.checkpoint import training_layout
 
     check_compatible(training_layout(ckpt.feature_set, str(ckpt_path)), fs.manifest, classes=classes)
 

@@ -7,7 +7,10 @@ from pathlib import Path
 
 import click
 
-from .cli_common import SectionedCommand
+from mist.kit.cli import SectionedCommand
+from mist.kit.flags import memory_option
+from mist.kit.text import json_text, terminal_text
+
 from .cli_options import (
     check_set_against,
     load_adaptor,
@@ -17,9 +20,7 @@ from .cli_options import (
     threads_option,
     write_text,
 )
-from .output import json_text, terminal_text
 from .predictions import format_predictions, top_classes
-from .validate import memory_option
 
 
 @click.command(cls=SectionedCommand)
@@ -138,7 +139,7 @@ def export(adaptor: str, out: str) -> None:
     ckpt, _, path = load_adaptor(adaptor)
     if Path(out).resolve() == path.resolve():
         raise click.UsageError(f"{out} is the checkpoint being exported; choose another output file")
-    from .record import inference_record
+    from mist.formats.checkpoint import inference_record
 
     slim = Checkpoint(params=ckpt.params, config=ckpt.config, classes=ckpt.classes,
                       feature_set=inference_record(ckpt.feature_set), kind=ckpt.kind)

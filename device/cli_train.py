@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import click
 
-from .cli_common import SectionedCommand
+from mist.kit.cli import SectionedCommand
+from mist.kit.flags import SEED, finite_float, memory_option, require_memory
+
 from .cli_options import KIND_CHOICE, open_set, progress_option, threads_option
-from .validate import SEED, finite_float, memory_option, require_memory
 
 
 @click.command(cls=SectionedCommand)

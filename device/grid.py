@@ -21,10 +21,10 @@ from typing import Any
 
 from mist.formats import FeatureSet, load_checkpoint, save_checkpoint
 from mist.formats.atomic import atomic_write_bytes
+from mist.formats.checkpoint import feature_set_record
 
 from .kinds import KINDS, describe, kind_named, kind_of, model_checkpoint, shipped_bytes_per_image
 from .lae import LAEConfig
-from .record import feature_set_record
 from .run_state import BEST, GRID_TABLE, MEMBERS
 from .train import Trainer, TrainOptions
 

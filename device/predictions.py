@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .output import csv_line, json_text
+from mist.kit.text import csv_line, json_text
 
 
 def top_classes(logits: np.ndarray, classes: list[str], top_k: int) -> list[dict[str, Any]]:

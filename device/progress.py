@@ -3,7 +3,8 @@
 The trainer wraps each epoch's batch indices with ``progress(batches, epoch)``. This module's generator runs
 between two steps, when the previous step is complete, and reads the public counters of the run and of its
 member (``Trainer.state``, ``Member.state``): it adds no work to the step and needs no hook inside the loop.
-Step records go through the run's ``MetricsLog``.
+Step records go through the run's ``MetricsLog``. What a frame says is decided here; the drawing (the bar that
+redraws one line, the line mode) is ``mist.kit.progress``, shared with the cloud and with shipping.
 """
 
 from __future__ import annotations
@@ -13,15 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TextIO
 
-BAR_WIDTH = 24
-REDRAW_S = 0.1  # a bar redrawn more often only costs terminal time
-
-
-def resolve_mode(mode: str, stream: TextIO, off_terminal: str = "lines") -> str:
-    """``auto``: a bar on a terminal, ``off_terminal`` otherwise (a log file, CI, a pipe)."""
-    if mode == "auto":
-        return "bar" if stream.isatty() else off_terminal
-    return mode
+from mist.kit.progress import LineLog, TerminalBar, gauge, resolve_mode
 
 
 class TrainProgress:
@@ -35,7 +28,7 @@ class TrainProgress:
         self.stream = stream or sys.stderr
         self.mode = resolve_mode(mode, self.stream)
         self.log = log
-        self._drawn = 0.0
+        self._bar = TerminalBar(self.stream)
 
     def __call__(self, batches: Iterable[int], epoch: int) -> Iterator[int]:
         t = self.trainer
@@ -59,27 +52,21 @@ class TrainProgress:
             if every and self.mode != "none":
                 self._clear()
                 self.log(self._text(info, bar=False))
-            if self.mode == "bar" and (now - self._drawn >= REDRAW_S or b + 1 == t.steps_per_epoch):
-                self._drawn = now
-                self.stream.write("\r\x1b[K" + self._text(info, bar=True))
-                self.stream.flush()
+            if self.mode == "bar":
+                self._bar.draw(lambda info=info: self._text(info, bar=True), force=b + 1 == t.steps_per_epoch)
         self._clear()  # the trainer's epoch line takes the bar's place
 
     def _text(self, info: dict, bar: bool) -> str:
         t = self.trainer
         where = f"epoch {info['epoch']}/{t.opts.epochs}"
         if bar:
-            filled = int(BAR_WIDTH * info["batch"] / t.steps_per_epoch)
-            where += f" [{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {info['batch']}/{t.steps_per_epoch}"
+            where += f" {gauge(info['batch'], t.steps_per_epoch)} {info['batch']}/{t.steps_per_epoch}"
         else:
             where += f"  batch {info['batch']}/{t.steps_per_epoch}  step {info['step']}/{t.total_steps}"
         return f"{where}  loss {info['running_loss']:.4f}  lr {info['lr']:.2e}  {info['images_per_s']:.0f} img/s"
 
     def _clear(self) -> None:
-        if self.mode == "bar" and self._drawn:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-            self._drawn = 0.0
+        self._bar.clear()
 
 
 def rows_progress(total: int, mode: str, label: str, stream: TextIO | None = None,
@@ -89,23 +76,19 @@ def rows_progress(total: int, mode: str, label: str, stream: TextIO | None = Non
     stream = stream or sys.stderr
     mode = resolve_mode(mode, stream, off_terminal="none")
 
+    bar, lines = TerminalBar(stream), LineLog(log)
+
     def wrap(starts: Iterable[int], batch_size: int) -> Iterator[int]:
-        begin, drawn = time.perf_counter(), 0.0
+        begin = time.perf_counter()
         for start in starts:
             yield start
             done = min(start + batch_size, total)
-            now = time.perf_counter()
-            if mode == "bar" and (now - drawn >= REDRAW_S or done == total):
-                drawn = now
-                filled = int(BAR_WIDTH * done / max(total, 1))
-                stream.write(f"\r\x1b[K{label} [{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {done}/{total} rows  "
-                             f"{done / max(now - begin, 1e-9):.0f} rows/s")
-                stream.flush()
-        if mode == "bar":
-            stream.write("\r\x1b[K")
-            stream.flush()
-        elif mode == "lines":
+            if mode == "bar":
+                rate = done / max(time.perf_counter() - begin, 1e-9)
+                bar.draw(f"{label} {gauge(done, total)} {done}/{total} rows  {rate:.0f} rows/s", force=done == total)
+        bar.clear()
+        if mode == "lines":
             seconds = time.perf_counter() - begin
-            log(f"{label}: {total} rows in {seconds:.1f}s, {total / max(seconds, 1e-9):.0f} rows/s")
+            lines.write(f"{label}: {total} rows in {seconds:.1f}s, {total / max(seconds, 1e-9):.0f} rows/s")
 
     return wrap

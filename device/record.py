@@ -6,27 +6,10 @@ class list, head and recorded training layout disagree with its config is refuse
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
-from mist.formats import Checkpoint, FeatureSet, FormatError, Manifest
-
-
-def feature_set_record(fs: FeatureSet) -> dict[str, Any]:
-    """What a checkpoint remembers of its training set: identity plus layout, for compatibility checks."""
-    layout = fs.manifest.with_shards([], complete=False).to_json()
-    return {"fingerprint": fs.fingerprint, "directory": str(fs.directory), "layout": layout}
-
-
-def training_layout(record: Any, where: str) -> Manifest:
-    """The manifest (without shards) of the set a checkpoint was trained on, read back and checked."""
-    if not isinstance(record, dict) or not isinstance(record.get("layout"), dict):
-        raise FormatError(f"{where}: checkpoint lacks the feature-set layout")
-    fingerprint = record.get("fingerprint")
-    if fingerprint is not None and not isinstance(fingerprint, str):
-        raise FormatError(f"{where}: checkpoint feature_set fingerprint must be a string")
-    return Manifest.from_json(record["layout"], source=f"{where} (feature_set layout)")
+from mist.formats import Checkpoint, FormatError, Manifest
+from mist.formats.checkpoint import training_layout
 
 
 def check_record(ckpt: Checkpoint, where: str, num_classes: int, outputs: int | None,
@@ -56,11 +39,3 @@ def check_record(ckpt: Checkpoint, where: str, num_classes: int, outputs: int | 
         raise FormatError(f"{where}: checkpoint classes differ from those of the set it was trained on")
     return layout
 
-
-def inference_record(record: dict[str, Any]) -> dict[str, Any]:
-    """What an exported adaptor keeps of its training set: the fingerprint and the layout, minus local paths
-    (the set's directory and the image source's root on the training machine)."""
-    layout = dict(record["layout"])
-    if isinstance(layout.get("dataset"), dict):
-        layout["dataset"] = {k: v for k, v in layout["dataset"].items() if k != "root"}
-    return {k: v for k, v in record.items() if k not in ("directory", "layout")} | {"layout": layout}

@@ -26,10 +26,10 @@ import click
 import numpy as np
 
 from mist.formats import FormatError, Manifest, check_compatible, served
+from mist.formats.checkpoint import training_layout
 from mist.formats.served import LAYOUT_HEADER, decode_features
 
 from .predictions import format_predictions, top_classes
-from .record import training_layout
 
 TIMEOUT_S = 120.0  # a whole request: a busy CPU server forwards 16 Lite0 images in a few seconds
 MAX_LAYOUT_BYTES = 1 << 20

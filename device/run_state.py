@@ -25,11 +25,11 @@ import numpy as np
 
 from mist.formats import Checkpoint, FormatError, load_checkpoint, save_checkpoint
 from mist.formats.atomic import atomic_write_bytes
+from mist.formats.checkpoint import feature_set_record
 
 from .errors import TrainingError
 from .kinds import kind_named
 from .optim import AdamW
-from .record import feature_set_record
 from .step import Recipe
 
 LAST, BEST, METRICS = "last.safetensors", "best.safetensors", "metrics.jsonl"

@@ -5,8 +5,9 @@ This package depends on numpy and safetensors only; neither side's code is impor
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .errors import FormatError
-from .feature_set import FeatureSet, FeatureSetWriter, check_compatible, sha256_file
+from .feature_set import FeatureSet, check_compatible, sha256_file
 from .manifest import FORMAT_VERSION, Manifest, Shard
+from .writer import FeatureSetWriter
 
 __all__ = [
     "FORMAT_VERSION",

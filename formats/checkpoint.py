@@ -11,7 +11,8 @@ strings:
 - ``config``: the adaptor's configuration;
 - ``classes``: class names, index = output unit;
 - ``feature_set``: fingerprint and layout of the set it was trained on, so evaluation can refuse a set made
-  by another backbone;
+  by another backbone (``feature_set_record`` writes it, ``training_layout`` reads the layout back,
+  ``inference_record`` is what an exported adaptor keeps of it);
 - ``train_state`` (resumable only): step, epoch, RNG state, best validation accuracy, training options.
 """
 
@@ -21,7 +22,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from safetensors import SafetensorError
@@ -29,7 +30,11 @@ from safetensors.numpy import load_file
 
 from .atomic import atomic_write
 from .errors import FormatError
+from .manifest import Manifest
 from .safetensors_check import DTYPE_NAMES, read_header, write_safetensors
+
+if TYPE_CHECKING:
+    from .feature_set import FeatureSet
 
 CHECKPOINT_FORMAT = "mist-adaptor"
 CHECKPOINT_VERSION = 2
@@ -139,3 +144,32 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
             raise FormatError(f"{path}: tensor {name!r} holds NaN or infinite values")
     return Checkpoint(params=params, optimizer=optimizer, **fields)
+
+
+# ---- the feature_set record: which set a checkpoint was trained on ------------------------------------------
+
+
+def feature_set_record(fs: FeatureSet) -> dict[str, Any]:
+    """What a checkpoint remembers of its training set: identity plus layout, for compatibility checks."""
+    layout = fs.manifest.with_shards([], complete=False).to_json()
+    return {"fingerprint": fs.fingerprint, "directory": str(fs.directory), "layout": layout}
+
+
+def training_layout(record: Any, where: str) -> Manifest:
+    """The manifest (without shards) of the set a checkpoint was trained on, read back from its ``feature_set``
+    record and checked; ``where`` names the checkpoint in the error."""
+    if not isinstance(record, dict) or not isinstance(record.get("layout"), dict):
+        raise FormatError(f"{where}: checkpoint lacks the feature-set layout")
+    fingerprint = record.get("fingerprint")
+    if fingerprint is not None and not isinstance(fingerprint, str):
+        raise FormatError(f"{where}: checkpoint feature_set fingerprint must be a string")
+    return Manifest.from_json(record["layout"], source=f"{where} (feature_set layout)")
+
+
+def inference_record(record: dict[str, Any]) -> dict[str, Any]:
+    """What an exported adaptor keeps of its training set: the fingerprint and the layout, minus local paths
+    (the set's directory and the image source's root on the training machine)."""
+    layout = dict(record["layout"])
+    if isinstance(layout.get("dataset"), dict):
+        layout["dataset"] = {k: v for k, v in layout["dataset"].items() if k != "root"}
+    return {k: v for k, v in record.items() if k not in ("directory", "layout")} | {"layout": layout}

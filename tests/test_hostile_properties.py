@@ -23,10 +23,10 @@ from mist.device.adaptor import parameter_count
 from mist.device.cli import main as device_main
 from mist.device.cli_options import load_adaptor as _load_adaptor
 from mist.device.lae import LAEConfig, count_params, init_params
-from mist.device.output import csv_line, json_text, terminal_text, utf8_safe
-from mist.device.validate import finite_float, parse_bytes
 from mist.formats import FeatureSet, FormatError
 from mist.formats.manifest import MANIFEST_NAME
+from mist.kit.flags import finite_float, parse_bytes
+from mist.kit.text import csv_line, json_text, terminal_text, utf8_safe
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),

@@ -23,16 +23,10 @@ from format_fixtures import make_manifest, make_rows, small_set, write_set
 
 from mist.cloud.cli import main as cloud_main
 from mist.device.cli import main as device_main
-from mist.formats.ship import (
-    FAT32_MAX_FILE,
-    MAX_SHARD_BYTES,
-    LocalStore,
-    S3Store,
-    capped_shard_rows,
-    copy_set,
-    fat_name_problem,
-    s3_client,
-)
+from mist.formats.writer import MAX_SHARD_BYTES, capped_shard_rows
+from mist.ship.copy import copy_set, fat_name_problem
+from mist.ship.local import FAT32_MAX_FILE, LocalStore
+from mist.ship.s3 import S3Store, s3_client
 
 boto3 = pytest.importorskip("boto3")
 moto_server = pytest.importorskip("moto.server")

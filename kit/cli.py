@@ -1,7 +1,8 @@
-"""What ``mist-device`` and ``mist-cloud`` share: click settings, the version string, one-line errors.
+"""The click conventions ``mist-device`` and ``mist-cloud`` share: settings, the version string, one-line
+errors, options grouped under headings in ``--help``, and help that teaches.
 
-It lives on the device side because that is the base install, which the cloud extra builds on. It imports
-only click (not NumPy), so ``--threads`` can still set the BLAS thread count before NumPy loads.
+It imports only click and the standard library (not NumPy), so ``--threads`` can still set the BLAS thread
+count before NumPy loads.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import click
 
-from .output import terminal_text
+from .text import terminal_text
 
 # The exit status of a process killed by SIGPIPE in a shell (128 + 13): `mist-device predict ... | head -1`
 # stops early, quietly, the way `yes | head -1` does.

@@ -1,12 +1,14 @@
-"""Text that is safe to print or write whatever it holds: class names and paths come from users' files.
+"""Text both CLIs print: safe whatever it holds (class names and paths come from users' files), and the one
+way to write a byte count or a duration.
 
 - ``terminal_text``: control characters (a class name with ESC or a newline, a bidi override) are shown as
   escapes, so they can neither split an error into two lines nor drive the terminal; code points the
   stream's encoding cannot carry (lone surrogates, or anything on an ASCII terminal) become ``\\uXXXX``.
 - ``csv_cell`` / ``csv_line``: RFC 4180 quoting, and nothing a UTF-8 encoder would refuse.
 - ``json_text``: strict JSON (non-finite floats become null, every non-ASCII code point is escaped).
+- ``format_bytes`` / ``format_duration``: ``1.5 GiB``, ``1:02:03``, for messages, bars and progress lines.
 
-click only, no NumPy: the CLI modules import this before ``--threads`` has set the BLAS thread count.
+Standard library only, no NumPy: the CLI modules import this before ``--threads`` has set the BLAS thread count.
 """
 
 from __future__ import annotations
@@ -82,3 +84,20 @@ def _strict(value: Any) -> Any:
 def json_text(obj: Any, indent: int | None = 2) -> str:
     """Strict JSON any parser accepts: NaN/inf become null, lone surrogates become escapes, output is ASCII."""
     return json.dumps(_strict(obj), indent=indent, ensure_ascii=True, allow_nan=False)
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes in binary units: ``512 B``, ``1.5 KiB``, ... ``2.0 TiB`` (one decimal above bytes)."""
+    for unit, size in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def format_duration(seconds: float) -> str:
+    """``m:ss``, or ``h:mm:ss`` from an hour up; ``?`` for a time that is not finite (an unknown ETA)."""
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

@@ -1,4 +1,5 @@
-"""Flag checks shared by ``mist-device`` and ``mist-cloud``: finite numbers in range, seeds, memory bounds.
+"""Flag types and the one memory flag, shared by ``mist-device`` and ``mist-cloud``: finite numbers in range,
+seeds, sizes, and ``--max-memory``.
 
 Everything a command will compute from a flag is checked when click parses it, before any file is opened
 or any array allocated, so a bad value costs nothing and gets one line naming the flag. Pure Python plus
@@ -11,15 +12,21 @@ Use it like this::
     @memory_option
     def train(...):
         require_memory(estimate_in_bytes, "training with --batch-size 32")
+
+Only ``memory_flag`` and ``require_memory`` read the running click command; a library function takes the
+bound as an argument (``memory_limit(max_memory)``, ``memory_problem(..., max_memory)``), which the CLI reads
+with ``memory_flag()`` and passes in.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
 
 import click
+
+from .machine import available_memory
+from .text import format_bytes
 
 # numpy.random.default_rng takes any non-negative integer, torch.manual_seed one below 2**64: the common
 # ground is the signed 64-bit range without its negative half.
@@ -65,13 +72,6 @@ def parse_bytes(text: str) -> int:
     return int(number)
 
 
-def format_bytes(n: float) -> str:
-    for unit, size in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} bytes"
-
-
 class MemorySize(click.ParamType):
     name = "size"
 
@@ -82,21 +82,6 @@ class MemorySize(click.ParamType):
             return parse_bytes(value)
         except ValueError as e:
             self.fail(str(e), param, ctx)
-
-
-def available_memory() -> int | None:
-    """Bytes this machine can still give a process: MemAvailable on Linux, else physical memory."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 _MEMORY_KEY = "mist.max_memory"
@@ -112,18 +97,21 @@ memory_option = click.option(
          "Default: the memory this machine has available now.")
 
 
-def memory_limit(max_memory: int | None = None) -> tuple[int | None, str]:
-    """(bytes, where that figure comes from): ``max_memory``, else --max-memory of the running command,
-    else what the machine has available now (None when even that is unknown)."""
-    if max_memory is None:
-        ctx = click.get_current_context(silent=True)
-        max_memory = ctx.meta.get(_MEMORY_KEY) if ctx is not None else None
+def memory_flag() -> int | None:
+    """The ``--max-memory`` of the running command, in bytes; None when it was not given (or outside a command)."""
+    ctx = click.get_current_context(silent=True)
+    return ctx.meta.get(_MEMORY_KEY) if ctx is not None else None
+
+
+def memory_limit(max_memory: int | None) -> tuple[int | None, str]:
+    """(bytes, where that figure comes from): ``max_memory`` (the --max-memory flag), else what the machine has
+    available now (None when even that is unknown)."""
     if max_memory is not None:
         return max_memory, "--max-memory"
     return available_memory(), "the memory available on this machine"
 
 
-def memory_problem(estimate: int, what: str, max_memory: int | None = None) -> str | None:
+def memory_problem(estimate: int, what: str, max_memory: int | None) -> str | None:
     """The one-line refusal when ``estimate`` bytes exceed the limit of ``memory_limit``, else None."""
     limit, source = memory_limit(max_memory)
     if limit is not None and estimate > limit:
@@ -137,6 +125,6 @@ def require_memory(estimate: int, what: str) -> None:
 
     Call it inside a command that carries ``@memory_option``, before the big allocation.
     """
-    problem = memory_problem(estimate, what)
+    problem = memory_problem(estimate, what, memory_flag())
     if problem:
         raise click.UsageError(problem)
