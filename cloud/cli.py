@@ -14,11 +14,20 @@ from pathlib import Path
 import click
 
 from mist.kit.cli import CONTEXT, completion_help, one_line_errors, os_error_message, package_version, teach
-from mist.kit.flags import SEED, finite_float, memory_flag, memory_limit, memory_option
+from mist.kit.flags import SEED, LazyChoice, finite_float, memory_flag, memory_limit, memory_option
 from mist.kit.progress import MODES
 from mist.ship import commands as ship_commands
 
 from .errors import CloudError
+
+
+def _storage_dtypes() -> tuple[str, ...]:
+    from mist.formats.quant import STORAGE_DTYPES  # NumPy: loaded once a value is checked, never at import
+
+    return STORAGE_DTYPES
+
+
+STORAGE_DTYPE = LazyChoice(_storage_dtypes)  # --dtype: float16, float32 and every scheme of formats/quant.py
 
 
 def _log(message: str) -> None:
@@ -107,7 +116,7 @@ def _weights_choice(pretrained: bool, weights: str | None, random_init: bool) ->
                    "`mist-cloud info MODEL` lists the layers.")
 @click.option("--scale", type=click.Choice(["none", "mean"]), default="none",
               help="Divide each group's sum by its size (mean) or not.")
-@click.option("--dtype", type=click.Choice(["float16", "float32", "int8", "int4"]), default="float16",
+@click.option("--dtype", type=STORAGE_DTYPE, default="float16",
               help="Storage dtype. int8/int4: the fp32 sums quantised with one fp16 scale per token.")
 @click.option("--batch-size", type=click.IntRange(1), default=16)
 @click.option("--workers", type=click.IntRange(0, 256), default=1, help="DataLoader processes that decode images.")
@@ -169,7 +178,7 @@ def extract(model: str, pretrained: bool, weights: str | None, random_init: bool
 
 @main.command()
 @click.argument("feature_set", type=click.Path(exists=True, file_okay=False))
-@click.option("--dtype", type=click.Choice(["float16", "float32", "int8", "int4"]), required=True,
+@click.option("--dtype", type=STORAGE_DTYPE, required=True,
               help="The storage dtype of the new set.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="The new feature-set directory.")
 @click.option("--shard-rows", type=click.IntRange(1), default=None,
@@ -254,7 +263,7 @@ def same_shape_runs(shapes: list[tuple[int, int]]) -> list[list[int]]:
 @click.option("--crop-mode", type=click.Choice(["center", "squash", "border"]), default=None, help="As for extract.")
 @click.option("--interpolation", type=click.Choice(["bilinear", "bicubic", "nearest"]), default=None,
               help="As for extract.")
-@click.option("--dtype", type=click.Choice(["float16", "float32", "int8", "int4"]), default="float16",
+@click.option("--dtype", type=STORAGE_DTYPE, default="float16",
               help="Dtype of the answers; int8/int4 are quantised per token as extract --dtype does.")
 @click.option("--seed", type=int, default=0, help="Seeds --random-init.")
 @click.option("--img-size", type=int, default=None, help="Input size override (default: the model's).")

@@ -13,31 +13,19 @@ from typing import Any
 
 import click
 
-from mist.kit.flags import require_memory
+from mist.kit.flags import LazyChoice, require_memory
 from mist.kit.text import terminal_text
 
 from .threads import set_blas_threads
 
 
-class KindChoice(click.Choice):
-    """``--model``: a registered model kind (device/kinds.py) or ``auto``. The registry loads NumPy, so it is
-    read when the value is checked or the help is shown, after ``--threads`` has been applied."""
+def _kind_names() -> list[str]:
+    from .kinds import KINDS
 
-    def __init__(self) -> None:
-        super().__init__([])
-
-    @property
-    def choices(self) -> list[str]:
-        from .kinds import KINDS
-
-        return [*KINDS, "auto"]
-
-    @choices.setter
-    def choices(self, _value: object) -> None:
-        pass
+    return [*KINDS, "auto"]
 
 
-KIND_CHOICE = KindChoice()
+KIND_CHOICE = LazyChoice(_kind_names)  # --model: a registered model kind (device/kinds.py) or auto
 
 
 def open_set(path: str, verify: bool = False):

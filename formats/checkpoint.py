@@ -6,8 +6,8 @@ strings:
 
 - ``format`` / ``format_version``: ``mist-adaptor`` / ``1`` (an LAE) or ``2`` (any other model kind, so a mist
   that knows only the LAE refuses it cleanly instead of misreading it);
-- ``model_kind`` (version 2): ``lae``, ``probe`` or ``grid`` (the resumable state of a whole
-  ``train --grid``); absent means ``lae``, so every version-1 checkpoint still loads;
+- ``model_kind`` (version 2): the model kind's name (``probe``, or any kind the device registers), or ``grid``
+  (the resumable state of a whole search); absent means ``lae``, so every version-1 checkpoint still loads;
 - ``config``: the adaptor's configuration;
 - ``classes``: class names, index = output unit;
 - ``feature_set``: fingerprint and layout of the set it was trained on, so evaluation can refuse a set made
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +39,9 @@ if TYPE_CHECKING:
 
 CHECKPOINT_FORMAT = "mist-adaptor"
 CHECKPOINT_VERSION = 2
-MODEL_KINDS = ("lae", "probe", "grid")
+# A model kind is a name the device's registry knows (device/kinds.py); the format only bounds its spelling, so
+# a new kind needs no change here. "grid" is the resumable state of a search.
+MODEL_KIND = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 PARAM, OPTIM = "param.", "optim."
 _JSON_KEYS = ("config", "classes", "feature_set", "train_state")
 
@@ -71,8 +74,8 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> None:
                               "weights must be floating point")
         if not np.all(np.isfinite(value)):
             raise FormatError(f"{path}: refusing to write a checkpoint with non-finite values in {name!r}")
-    if ckpt.kind not in MODEL_KINDS:
-        raise FormatError(f"{path}: unknown model kind {ckpt.kind!r}; expected one of {MODEL_KINDS}")
+    if not isinstance(ckpt.kind, str) or not MODEL_KIND.fullmatch(ckpt.kind):
+        raise FormatError(f"{path}: model kind {ckpt.kind!r} is not a lowercase name of at most 32 characters")
     # An LAE checkpoint stays version 1, byte for byte what earlier mist wrote and reads.
     version = 1 if ckpt.kind == "lae" else CHECKPOINT_VERSION
     metadata = {"format": CHECKPOINT_FORMAT, "format_version": str(version)}
@@ -100,8 +103,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise FormatError(f"{path}: checkpoint format {version} is newer than this mist reads "
                           f"({CHECKPOINT_VERSION}); upgrade mist")
     fields: dict[str, Any] = {"kind": meta.get("model_kind", "lae")}
-    if fields["kind"] not in MODEL_KINDS:
-        raise FormatError(f"{path}: unknown model kind {fields['kind']!r}; expected one of {MODEL_KINDS}")
+    if not MODEL_KIND.fullmatch(fields["kind"]):
+        raise FormatError(f"{path}: model kind {fields['kind']!r} is not a lowercase name of at most 32 characters")
     for key in _JSON_KEYS:
         if key not in meta:
             if key == "train_state":

@@ -1,5 +1,9 @@
 """Quantised storage of summed features: int8 and int4 codes with one fp16 scale per token.
 
+Adding a scheme is one entry in ``SCHEMES`` (its bits, its qmax, one code a byte or two) and its line in
+formats/SPEC.md §12: the manifest, the writer, the reader, the wire format and both CLIs' ``--dtype`` take
+their lists from here.
+
 A row is (k, T, d). Every token (row, group, token) gets its own scale ``s``, the smallest fp16 number at
 least ``absmax / qmax`` (qmax = 127 for int8, 7 for int4), and every channel becomes the integer code
 ``q = clamp(rint(x / s), -qmax, qmax)``. The device reads ``x' = q * s`` in fp32, exactly (a 4- or 8-bit
@@ -37,16 +41,17 @@ class Scheme:
     bits: int
     qmax: int
     code_dtype: np.dtype  # the safetensors dtype of the stored `features` tensor
+    packed: bool = False  # two codes a byte (pack_int4), else one int8 code a byte
 
     def describe(self) -> dict[str, object]:
         return {"scheme": "absmax-per-token", "bits": self.bits, "qmax": self.qmax, "scale_dtype": "float16",
                 "scale_rounding": "up", "rounding": "nearest-even",
-                "packing": "two-per-byte-low-nibble-first-offset-8" if self.bits == 4 else "one-per-byte"}
+                "packing": "two-per-byte-low-nibble-first-offset-8" if self.packed else "one-per-byte"}
 
 
 SCHEMES = {
     "int8": Scheme("int8", 8, 127, np.dtype("i1")),
-    "int4": Scheme("int4", 4, 7, np.dtype("u1")),
+    "int4": Scheme("int4", 4, 7, np.dtype("u1"), packed=True),
 }
 STORAGE_DTYPES = (*FLOAT_DTYPES, *SCHEMES)
 
@@ -70,9 +75,10 @@ def stored_shapes(dtype: str, rows: int, row_shape: tuple[int, int, int]) -> dic
         return {FEATURES: (FLOAT_DTYPES[dtype], (rows, *row_shape))}
     k, t, d = row_shape
     scales = (SCALE_DTYPE, (rows, k, t))
-    if dtype == "int8":
-        return {FEATURES: (SCHEMES[dtype].code_dtype, (rows, k, t, d)), SCALES: scales}
-    return {FEATURES: (SCHEMES[dtype].code_dtype, (rows, packed_length(k * t * d))), SCALES: scales}
+    scheme = SCHEMES[dtype]
+    if not scheme.packed:
+        return {FEATURES: (scheme.code_dtype, (rows, k, t, d)), SCALES: scales}
+    return {FEATURES: (scheme.code_dtype, (rows, packed_length(k * t * d))), SCALES: scales}
 
 
 def bytes_per_row(dtype: str, row_shape: tuple[int, int, int]) -> int:
@@ -130,7 +136,7 @@ def encode_features(x: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
     if dtype not in SCHEMES:
         raise ValueError(f"unknown storage dtype {dtype!r}; one of {STORAGE_DTYPES}")
     codes, scale = quantise(x, SCHEMES[dtype])
-    stored = pack_int4(codes) if dtype == "int4" else np.ascontiguousarray(codes)
+    stored = pack_int4(codes) if SCHEMES[dtype].packed else np.ascontiguousarray(codes)
     return {FEATURES: stored, SCALES: np.ascontiguousarray(scale)}
 
 
@@ -164,7 +170,7 @@ def decode_features(stored: dict[str, np.ndarray], dtype: str, row_shape: tuple[
         out[...] = stored[FEATURES]
         return out
     codes = stored[FEATURES]
-    if dtype == "int4":
+    if SCHEMES[dtype].packed:
         codes = unpack_int4(codes, int(np.prod(row_shape))).reshape(rows, *row_shape)
     # int8 codes times fp32 scales: exact, and the result lands in `out` with no fp32 temporary.
     np.multiply(codes, stored[SCALES].astype(np.float32)[..., None], out=out)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Sequence
 
 import click
 
@@ -31,6 +32,23 @@ from .text import format_bytes
 # numpy.random.default_rng takes any non-negative integer, torch.manual_seed one below 2**64: the common
 # ground is the signed 64-bit range without its negative half.
 SEED = click.IntRange(0, 2**63 - 1)
+
+
+class LazyChoice(click.Choice):
+    """A choice whose values come from a registry that imports NumPy (model kinds, storage dtypes): read when
+    a value is checked or the help is shown, after ``--threads`` has been applied, never at import."""
+
+    def __init__(self, values: Callable[[], Sequence[str]]) -> None:
+        self._values = values
+        super().__init__([])
+
+    @property
+    def choices(self) -> list[str]:
+        return list(self._values())
+
+    @choices.setter
+    def choices(self, _value: object) -> None:
+        pass
 
 
 class FiniteFloat(click.FloatRange):
