@@ -71,11 +71,11 @@ def load_adaptor(path: str) -> tuple[Any, Any, Path]:
 
 
 def require_inference_memory(model: Any, batch_size: int, rows: int) -> None:
+    from .kinds import describe
     from .memory import inference_bytes
 
     require_memory(inference_bytes(model, min(batch_size, max(rows, 1)), rows),
-                   f"running {model.cfg.num_blocks} blocks over {rows} rows with --batch-size {batch_size}"
-                   if hasattr(model.cfg, "num_blocks") else f"running a {model.kind} over {rows} rows")
+                   f"running the {describe(model)} over {rows} rows with --batch-size {batch_size}")
 
 
 def check_set_against(ckpt: Any, ckpt_path: Path, fs: Any, classes: bool = True) -> None:

@@ -56,6 +56,3 @@ def shipped_bytes_per_image(model: Any, storage_bytes: int = 2) -> int:
 def describe(model: Any) -> str:
     return kind_of(model).describe(model.cfg)
 
-
-def inference_bytes(model: Any, batch: int) -> int:
-    return kind_of(model).inference_bytes(model.cfg, batch)
