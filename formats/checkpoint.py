@@ -13,11 +13,15 @@ strings:
 - ``feature_set``: fingerprint and layout of the set it was trained on, so evaluation can refuse a set made
   by another backbone (``feature_set_record`` writes it, ``training_layout`` reads the layout back,
   ``inference_record`` is what an exported adaptor keeps of it);
-- ``train_state`` (resumable only): step, epoch, RNG state, best validation accuracy, training options.
+- ``train_state`` (resumable only): step, epoch, RNG state, best validation accuracy, training options;
+- ``tensor_sha256`` and ``metadata_sha256``: a digest of every tensor, and one of the metadata (which covers
+  those), checked on every load, so one flipped weight is refused; ``signature`` (optional): an Ed25519
+  signature over the metadata digest (formats/signing.py), which a device can require.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -27,15 +31,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file
+from safetensors.numpy import load
 
 from .atomic import atomic_write
 from .errors import FormatError
-from .manifest import Manifest
-from .safetensors_check import DTYPE_NAMES, read_header, write_safetensors
+from .manifest import Manifest, check_classes
+from .safetensors_check import DTYPE_NAMES, Header, header_from_bytes, open_regular, stored_array, write_safetensors
 
 if TYPE_CHECKING:
     from .feature_set import FeatureSet
+    from .signing import SigningKey, Trust
 
 CHECKPOINT_FORMAT = "mist-adaptor"
 CHECKPOINT_VERSION = 2
@@ -44,6 +49,7 @@ CHECKPOINT_VERSION = 2
 MODEL_KIND = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 PARAM, OPTIM = "param.", "optim."
 _JSON_KEYS = ("config", "classes", "feature_set", "train_state")
+TENSOR_DIGESTS, METADATA_DIGEST = "tensor_sha256", "metadata_sha256"
 
 
 @dataclass
@@ -55,14 +61,17 @@ class Checkpoint:
     optimizer: dict[str, np.ndarray] = field(default_factory=dict)
     train_state: dict[str, Any] | None = None
     kind: str = "lae"
+    digest: str | None = None  # metadata_sha256 as loaded (None: written before digests existed)
+    signed_by: str | None = None  # the id of the trusted key whose signature was checked on load
 
     @property
     def resumable(self) -> bool:
         return self.train_state is not None
 
 
-def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> None:
-    """Write ``ckpt`` atomically; a reader never sees a half-written file."""
+def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint, signer: SigningKey | None = None) -> None:
+    """Write ``ckpt`` atomically, with its digests (and signed by ``signer`` when given); a reader never sees a
+    half-written file."""
     # np.asarray, not np.ascontiguousarray: the latter makes a 0-d step count 1-d, and it would come back as
     # an array that int() refuses. write_safetensors makes everything C-contiguous itself.
     tensors = {PARAM + k: np.asarray(v) for k, v in ckpt.params.items()}
@@ -85,13 +94,77 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> None:
         value = getattr(ckpt, key)
         if value is not None:
             metadata[key] = json.dumps(value, sort_keys=True)
+    stored = {name: stored_array(value, f"{path}: tensor {name!r}") for name, value in tensors.items()}
+    metadata[TENSOR_DIGESTS] = json.dumps({name: _sha256(a.reshape(-1).view(np.uint8)) for name, a in stored.items()},
+                                          sort_keys=True)
+    layout = {name: [DTYPE_NAMES[a.dtype], list(a.shape)] for name, a in stored.items()}
+    metadata[METADATA_DIGEST] = metadata_digest(metadata, layout)
+    if signer is not None:
+        from .signing import ADAPTOR_DOMAIN, SIGNATURE
+
+        metadata[SIGNATURE] = json.dumps(signer.sign(ADAPTOR_DOMAIN + metadata[METADATA_DIGEST].encode()),
+                                         sort_keys=True)
+    tensors = stored
     # Not safetensors' save_file, whose metadata order changes from call to call (see write_safetensors).
     atomic_write(path, lambda tmp: write_safetensors(tmp, tensors, metadata))
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+def _sha256(data: Any) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def metadata_digest(metadata: dict[str, str], layout: dict[str, list]) -> str:
+    """sha256 of the metadata (all of it but this digest and the signature, so the tensor digests too) and of
+    every tensor's dtype and shape, canonically encoded: what a signature signs (SPEC §9)."""
+    from .signing import SIGNATURE, canonical_json
+
+    covered = {k: v for k, v in metadata.items() if k not in (METADATA_DIGEST, SIGNATURE)}
+    return _sha256(canonical_json({"metadata": covered, "tensors": layout}))
+
+
+def _read_checkpoint(path: Path) -> tuple[bytes, Header]:
+    """The whole file, read once (digests, header and tensors all come from these same bytes), and its header."""
+    try:
+        with open_regular(path) as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise FormatError(f"{path}: missing file") from None
+    except IsADirectoryError:
+        raise FormatError(f"{path}: is a directory, not a safetensors file") from None
+    except OSError as e:
+        raise FormatError(f"{path}: unreadable ({e.strerror or e.__class__.__name__})") from None
+    return data, header_from_bytes(path, data)
+
+
+def _check_digests(path: Path, header: Header, data: bytes) -> str | None:
+    """Refuse a checkpoint whose tensors or metadata do not match the digests it carries; return the metadata
+    digest (None for a checkpoint written before digests existed, which carries neither)."""
+    meta = header.metadata
+    if TENSOR_DIGESTS not in meta and METADATA_DIGEST not in meta:
+        return None
+    try:
+        digests = json.loads(meta.get(TENSOR_DIGESTS, ""))
+    except (ValueError, RecursionError):
+        digests = None
+    if not isinstance(digests, dict) or METADATA_DIGEST not in meta or set(digests) != set(header.tensors):
+        raise FormatError(f"{path}: checkpoint digests are missing or do not list its tensors "
+                          "(the file is corrupt or was modified)")
+    view = memoryview(data)
+    for name, entry in header.tensors.items():
+        if digests[name] != _sha256(view[entry.offset:entry.offset + entry.nbytes]):
+            raise FormatError(f"{path}: tensor {name!r} does not match its digest (the file is corrupt or was "
+                              "modified)")
+    layout = {name: [DTYPE_NAMES[e.dtype], list(e.shape)] for name, e in header.tensors.items()}
+    if metadata_digest(meta, layout) != meta[METADATA_DIGEST]:
+        raise FormatError(f"{path}: checkpoint metadata does not match its digest (the file is corrupt or was "
+                          "modified)")
+    return meta[METADATA_DIGEST]
+
+
+def load_checkpoint(path: str | os.PathLike, trust: Trust | None = None) -> Checkpoint:
+    """Read and check a checkpoint: header, digests, then (with ``trust``) its signature, then every field."""
     path = Path(path)
-    header = read_header(path)
+    data, header = _read_checkpoint(path)
     meta = header.metadata
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise FormatError(f"{path}: not a mist adaptor checkpoint (format {meta.get('format')!r})")
@@ -105,6 +178,20 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     fields: dict[str, Any] = {"kind": meta.get("model_kind", "lae")}
     if not MODEL_KIND.fullmatch(fields["kind"]):
         raise FormatError(f"{path}: model kind {fields['kind']!r} is not a lowercase name of at most 32 characters")
+    fields["digest"] = _check_digests(path, header, data)
+    if trust is not None:
+        from .signing import ADAPTOR_DOMAIN, SIGNATURE, SignatureError
+
+        signature = None
+        if SIGNATURE in meta:
+            try:
+                signature = json.loads(meta[SIGNATURE])
+            except (ValueError, RecursionError):
+                raise SignatureError(f"{path}: malformed signature (not JSON)") from None
+            if fields["digest"] is None:
+                raise SignatureError(f"{path}: signed, but carries no digest for the signature to cover")
+        fields["signed_by"] = trust.check(signature, ADAPTOR_DOMAIN + (fields["digest"] or "").encode(), "adaptor",
+                                       str(path))
     for key in _JSON_KEYS:
         if key not in meta:
             if key == "train_state":
@@ -125,7 +212,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             raise FormatError(f"{path}: tensor {entry.name!r} has dtype {DTYPE_NAMES[entry.dtype]}, "
                               f"expected {'a float' if kinds == 'f' else 'a numeric'} type")
     try:
-        tensors = load_file(str(path))
+        tensors = load(data)
     except SafetensorError as e:  # read_header passed it, but the library is stricter in corners
         raise FormatError(f"{path}: unreadable safetensors file ({str(e).splitlines()[0]})") from None
     params = {k[len(PARAM):]: v for k, v in tensors.items() if k.startswith(PARAM)}
@@ -137,8 +224,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     classes = fields["classes"]
     if not classes or not all(isinstance(c, str) for c in classes):
         raise FormatError(f"{path}: checkpoint metadata 'classes' must be a non-empty list of strings")
-    if len(set(classes)) != len(classes):
-        raise FormatError(f"{path}: checkpoint metadata 'classes' names a class twice")
+    check_classes(classes, lambda why: FormatError(f"{path}: checkpoint metadata 'classes' {why}"))
     if not isinstance(fields["feature_set"], dict):
         raise FormatError(f"{path}: checkpoint metadata 'feature_set' must be an object")
     if fields["train_state"] is not None and not isinstance(fields["train_state"], dict):

@@ -13,13 +13,17 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import FormatError
 from .manifest import MANIFEST_NAME, Manifest, Shard
 from .quant import FEATURES, SCALES, bad_scale, decode_features, is_quantised, stored_shapes
-from .safetensors_check import Header, expect_tensor, read_header
+from .safetensors_check import Header, expect_tensor, open_regular, read_header
+
+if TYPE_CHECKING:
+    from .signing import Trust
 
 LABELS, IDS = "labels", "ids"
 _STORAGE = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
@@ -43,7 +47,7 @@ def set_identity(manifest: Manifest) -> str:
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:  # a FIFO or a device would block or never end
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
@@ -85,7 +89,7 @@ def check_shard(directory: Path, shard: Shard, manifest: Manifest, verify: bool,
 def _check_scales(header: Header) -> None:
     """Every scale must be finite and > 0; the scales are 2 bytes a token, so reading them all is cheap."""
     entry = header.tensors[SCALES]
-    with open(header.path, "rb") as f:
+    with open_regular(header.path) as f:
         f.seek(entry.offset)
         scales = np.frombuffer(f.read(entry.nbytes), dtype=entry.dtype).reshape(entry.shape)
     found = bad_scale(scales)
@@ -120,11 +124,16 @@ def _check_shard_metadata(header: Header, manifest: Manifest, index: int | None,
 class FeatureSet:
     """A validated, read-only feature set. Rows are (k, T, d) maps; labels are -1 where unknown."""
 
-    def __init__(self, directory: str | os.PathLike, verify: bool = False, allow_incomplete: bool = False):
+    def __init__(self, directory: str | os.PathLike, verify: bool = False, allow_incomplete: bool = False,
+                 trust: Trust | None = None):
+        """Open and check the set at ``directory``; with ``trust``, its manifest's signature is checked before
+        anything else is read, and under ``require`` every shard is hashed (``verify``), since the signature
+        vouches for the rows only through the checksums it pins."""
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise FormatError(f"{self.directory}: not a feature-set directory")
-        self.manifest = Manifest.load(self.directory / MANIFEST_NAME)
+        self.manifest = Manifest.load(self.directory / MANIFEST_NAME, trust)
+        verify = verify or (trust is not None and trust.hashes_shards)
         if not self.manifest.complete and not allow_incomplete:
             raise FormatError(
                 f"{self.directory}: incomplete feature set ({self.manifest.rows} rows in "
@@ -161,7 +170,7 @@ class FeatureSet:
     @staticmethod
     def _read_small(header: Header, name: str) -> np.ndarray:
         entry = header.tensors[name]
-        with open(header.path, "rb") as f:
+        with open_regular(header.path) as f:
             f.seek(entry.offset)
             raw = f.read(entry.nbytes)
         if len(raw) != entry.nbytes:
@@ -309,6 +318,11 @@ def check_compatible(a: Manifest, b: Manifest, classes: bool = True) -> None:
         pairs["classes"] = (a.classes, b.classes)
     for name, (x, y) in pairs.items():
         if x != y:
+            # Name the innermost field that differs (data_config.crop_pct, not data_config): a whole object's
+            # text would be cut off before the difference.
+            while isinstance(x, dict) and isinstance(y, dict):
+                key = next(k for k in sorted(set(x) | set(y), key=str) if x.get(k, ...) != y.get(k, ...))
+                name, x, y = f"{name}.{key}", x.get(key, "(absent)"), y.get(key, "(absent)")
             raise FormatError(f"incompatible feature sets: '{name}' differs ({_short(x)} vs {_short(y)})")
 
 

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import FormatError
 from .quant import SCHEMES, STORAGE_DTYPES, is_quantised
+
+if TYPE_CHECKING:
+    from .signing import Trust
 
 FORMAT_NAME = "mist-feature-set"
 # The newest version this code reads. A set is written with the lowest version that describes it: float16
@@ -23,6 +27,12 @@ QUANTISED_SINCE = 2
 MANIFEST_NAME = "manifest.json"
 SCALES = ("none", "mean")
 POOLS = ("none", "mean", "cls")
+# Class names bound every allocation made from them (a C x C confusion matrix, a d x C head) and must fit, twice
+# (the classes and the training layout), in a checkpoint's 16 MiB header: see SPEC §2.
+MAX_CLASSES = 50_000
+MAX_CLASS_NAME_CHARS = 256
+MAX_CLASSES_JSON_BYTES = 4 << 20
+MAX_MANIFEST_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -100,14 +110,25 @@ class Manifest:
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
     @classmethod
-    def from_json(cls, obj: Any, source: str = MANIFEST_NAME) -> Manifest:
+    def from_json(cls, obj: Any, source: str = MANIFEST_NAME, trust: Trust | None = None) -> Manifest:
+        """The manifest in the JSON value ``obj``; with ``trust``, its signature is checked first (§13)."""
+        if trust is not None and isinstance(obj, dict):
+            from .signing import SIGNATURE, manifest_message
+
+            trust.check(obj.get(SIGNATURE), manifest_message(obj), "feature set", source)
         return _parse(obj, source)
 
     @classmethod
-    def load(cls, path: str | Path) -> Manifest:
+    def load(cls, path: str | Path, trust: Trust | None = None) -> Manifest:
+        from .safetensors_check import open_regular
+
         path = Path(path)
         try:
-            text = path.read_text()
+            with open_regular(path) as f:  # a FIFO or a device would block or never end
+                if os.fstat(f.fileno()).st_size > MAX_MANIFEST_BYTES:
+                    raise FormatError(f"{path}: over {MAX_MANIFEST_BYTES >> 20} MiB, larger than any manifest "
+                                      "mist writes")
+                text = f.read().decode("utf-8")
         except FileNotFoundError:
             raise FormatError(f"{path}: missing manifest (is this a feature-set directory?)") from None
         except (OSError, UnicodeDecodeError) as e:
@@ -118,10 +139,29 @@ class Manifest:
             raise FormatError(f"{path}: manifest is not valid JSON (line {e.lineno})") from None
         except (ValueError, RecursionError):  # an over-long integer literal, or absurdly deep nesting
             raise FormatError(f"{path}: manifest is not valid JSON") from None
-        return _parse(obj, str(path))
+        return cls.from_json(obj, str(path), trust)
 
 
 # ---- validation -------------------------------------------------------------------------------------------
+
+
+def check_classes(classes: Any, fail: Any) -> None:
+    """Refuse class names a set cannot carry: not a list of strings, empty or over-long names, repeats, too many
+    (``fail(why)`` makes the error, naming the file or flag). Checked where a set is made and where it is read."""
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise fail("must be a list of strings")
+    if len(classes) > MAX_CLASSES:
+        raise fail(f"holds {len(classes):,} names, more than the {MAX_CLASSES:,} a set may have")
+    for i, name in enumerate(classes):
+        if not name or len(name) > MAX_CLASS_NAME_CHARS:
+            raise fail(f"name {i} is {len(name):,} characters long; a class name has 1 to {MAX_CLASS_NAME_CHARS}")
+    if len(set(classes)) != len(classes):
+        seen: set[str] = set()
+        twice = next(c for c in classes if c in seen or seen.add(c))
+        raise fail(f"names the class {twice[:60]!r} twice (its rows would be counted under one label)")
+    size = len(json.dumps(classes))
+    if size > MAX_CLASSES_JSON_BYTES:
+        raise fail(f"takes {size:,} bytes of JSON, more than the {MAX_CLASSES_JSON_BYTES:,} a set may have")
 
 
 class _Fields:
@@ -202,8 +242,12 @@ def _parse(obj: Any, source: str) -> Manifest:
     if not 0 <= prefix <= count:
         raise tokens.fail("prefix", f"must lie in [0, {count}], got {prefix}")
     grid = tokens.get("grid", (list, type(None)))
-    if grid is not None and (len(grid) != 2 or not all(isinstance(g, int) and g > 0 for g in grid)):
+    if grid is not None and (len(grid) != 2 or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0
+                                                       for g in grid)):
         raise tokens.fail("grid", "must be null or two positive integers")
+    if grid is not None and grid[0] * grid[1] != count - prefix:
+        raise tokens.fail("grid", f"is {grid[0]}x{grid[1]} = {grid[0] * grid[1]} spatial tokens, but tokens.count "
+                                  f"- tokens.prefix is {count - prefix}")
 
     if pool != "none" and count != 1:
         raise tokens.fail("count", f"must be 1 for features pooled by the cloud (gather.pool {pool!r}), got {count}")
@@ -220,8 +264,7 @@ def _parse(obj: Any, source: str) -> Manifest:
                                            f"(got {json.dumps(scheme, sort_keys=True)[:120]})")
     data_config = top.get("data_config", dict)
     classes = top.get("classes", list)
-    if not all(isinstance(c, str) for c in classes):
-        raise top.fail("classes", "must be a list of strings")
+    check_classes(classes, lambda why: top.fail("classes", why))
     split = top.get("split", str)
     dataset = top.get("dataset", dict)
 

@@ -8,8 +8,10 @@ against the file's real size, and raises :class:`FormatError` with one line that
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,12 +59,36 @@ def _fail(path: Path, problem: str) -> FormatError:
     return FormatError(f"{path}: {problem}")
 
 
+def open_regular(path: str | os.PathLike) -> io.BufferedReader:
+    """``open(path, "rb")`` for a regular file only, refusing a FIFO, a device or a socket before it can block.
+
+    Opening a FIFO for reading waits for a writer, forever, and a device such as /dev/zero never ends, so the
+    file is opened without blocking, checked with fstat (the very file opened, not a name that could be swapped
+    after a stat), and only then read. Raises FormatError naming ``path``; OSError as ``open`` does.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(21, "Is a directory", str(path))
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) \
+                else "a socket" if stat.S_ISSOCK(mode) else "a special file"
+            raise FormatError(f"{path}: is {kind}, not a regular file; refused before reading it")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_header(path: str | os.PathLike) -> Header:
     """Parse and check a safetensors header; every tensor must lie inside the file and fill it exactly."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise _fail(path, f"truncated: {size} bytes is too short for a safetensors header")
@@ -80,6 +106,24 @@ def read_header(path: str | os.PathLike) -> Header:
         raise _fail(path, "permission denied") from None
     except OSError as e:  # e.g. a name too long, a symlink loop: still one line, not a traceback
         raise _fail(path, f"unreadable ({e.strerror or e.__class__.__name__})") from None
+    return _parse_header(path, raw, size)
+
+
+def header_from_bytes(path: str | os.PathLike, data: bytes) -> Header:
+    """``read_header`` for a file already read into memory (``data``), checked by the same rules."""
+    path = Path(path)
+    if len(data) < 8:
+        raise _fail(path, f"truncated: {len(data)} bytes is too short for a safetensors header")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > MAX_HEADER_BYTES:
+        raise _fail(path, f"header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte cap")
+    if 8 + header_len > len(data):
+        raise _fail(path, f"header length {header_len} is larger than the file ({len(data)} bytes)")
+    return _parse_header(path, data[8:8 + header_len], len(data))
+
+
+def _parse_header(path: Path, raw: bytes, size: int) -> Header:
+    header_len = len(raw)
     try:
         header = json.loads(raw.decode("utf-8"))
     # ValueError, not just JSONDecodeError: an integer literal over Python's 4300-digit limit raises a bare
@@ -161,6 +205,18 @@ def expect_tensor(header: Header, name: str, dtypes: tuple[np.dtype, ...], shape
     return entry
 
 
+def stored_array(value: np.ndarray, where: str = "tensor") -> np.ndarray:
+    """``value`` as ``write_safetensors`` stores it: C order, little-endian, a dtype the format holds."""
+    # C order, since the raw buffer is written as is (safetensors 0.8 itself wrote the wrong bytes for
+    # non-contiguous input). np.require, not np.ascontiguousarray: the latter turns a 0-d scalar (an
+    # optimizer's step count) into shape (1,).
+    array = np.require(value, requirements="C")
+    array = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    if array.dtype not in DTYPE_NAMES:
+        raise ValueError(f"{where} has dtype {array.dtype}, which safetensors files here cannot hold")
+    return array
+
+
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
                       metadata: dict[str, str]) -> None:
     """Write a safetensors file whose bytes depend only on the arguments.
@@ -171,17 +227,7 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
     sorted and tensors are laid out as safetensors lays them out (widest dtype first, then by name), so every
     tensor starts aligned to its itemsize.
     """
-    arrays = {}
-    for name, value in tensors.items():
-        # C order, since the raw buffer is written as is (safetensors 0.8 itself wrote the wrong bytes for
-        # non-contiguous input). np.require, not np.ascontiguousarray: the latter turns a 0-d scalar (an
-        # optimizer's step count) into shape (1,).
-        array = np.require(value, requirements="C")
-        array = array.astype(array.dtype.newbyteorder("<"), copy=False)
-        if array.dtype not in DTYPE_NAMES:
-            raise ValueError(f"{path}: tensor {name!r} has dtype {array.dtype}, which safetensors files here "
-                             f"cannot hold")
-        arrays[name] = array
+    arrays = {name: stored_array(value, f"{path}: tensor {name!r}") for name, value in tensors.items()}
     order = sorted(arrays, key=lambda n: (-arrays[n].dtype.itemsize, n))
     header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
     position = 0

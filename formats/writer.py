@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .atomic import atomic_write, atomic_write_json
 from .errors import FormatError
 from .feature_set import IDS, LABELS, check_shard, set_identity, sha256_file, shard_name
-from .manifest import MANIFEST_NAME, Manifest, Shard
+from .manifest import MANIFEST_NAME, Manifest, Shard, check_classes
 from .quant import encode_features
 from .safetensors_check import write_safetensors
+
+if TYPE_CHECKING:
+    from .signing import SigningKey
 
 MAX_SHARD_BYTES = 1 << 30  # what `extract` aims for: well under FAT32's 4 GiB limit, and a cheap shard to redo
 
@@ -46,10 +50,12 @@ class FeatureSetWriter:
     """
 
     def __init__(self, directory: str | os.PathLike, manifest: Manifest, shard_rows: int = 512,
-                 overwrite: bool = False):
+                 overwrite: bool = False, signer: SigningKey | None = None):
         if shard_rows < 1:
             raise ValueError("shard_rows must be >= 1")
         self.directory = Path(directory)
+        check_classes(manifest.classes, lambda why: FormatError(f"{self.directory}: the class names {why}"))
+        self.signer = signer  # signs the complete manifest, in the same write that marks it complete
         self.shard_rows = shard_rows
         self.manifest = manifest.with_shards([], complete=False)
         self._buffer: list[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]] = []
@@ -119,8 +125,11 @@ class FeatureSetWriter:
             self._flush(self._buffered, complete=True)
         else:
             self.manifest = self.manifest.with_shards(self.manifest.shards, complete=True)
-            atomic_write_json(self.directory / MANIFEST_NAME, self.manifest.to_json())
+            atomic_write_json(self.directory / MANIFEST_NAME, self._manifest_json())
         return self.manifest
+
+    def _manifest_json(self) -> dict[str, Any]:
+        return manifest_json(self.manifest, self.signer if self.manifest.complete else None)
 
     def _flush(self, n: int, complete: bool = False) -> None:
         stored = {name: np.concatenate([b[0][name] for b in self._buffer]) for name in self._buffer[0][0]}
@@ -133,7 +142,17 @@ class FeatureSetWriter:
         shard = write_shard(self.directory, len(self.manifest.shards), self.manifest,
                             {name: value[:n] for name, value in stored.items()}, labels[:n], ids[:n])
         self.manifest = self.manifest.with_shards([*self.manifest.shards, shard], complete=complete)
-        atomic_write_json(self.directory / MANIFEST_NAME, self.manifest.to_json())
+        atomic_write_json(self.directory / MANIFEST_NAME, self._manifest_json())
+
+
+def manifest_json(manifest: Manifest, signer: SigningKey | None = None) -> dict[str, Any]:
+    """The manifest's JSON, signed by ``signer`` when given (formats/signing.py; SPEC §13)."""
+    body = manifest.to_json()
+    if signer is not None:
+        from .signing import SIGNATURE, manifest_message
+
+        body[SIGNATURE] = signer.sign(manifest_message(body))
+    return body
 
 
 def write_shard(directory: Path, index: int, manifest: Manifest, features: np.ndarray | dict[str, np.ndarray],
@@ -163,6 +182,16 @@ def write_shard(directory: Path, index: int, manifest: Manifest, features: np.nd
     # Not safetensors' save_file: its metadata order varies, so a resumed set would not match (see there).
     atomic_write(path, lambda tmp: write_safetensors(tmp, tensors, metadata))
     return Shard(file=name, rows=len(ids), sha256=sha256_file(path))
+
+
+def sign_feature_set(directory: str | os.PathLike, key: SigningKey) -> Manifest:
+    """Sign the complete set at ``directory`` (``mist-cloud sign``): every shard header and checksum is checked
+    against the manifest first, so a set modified since it was written is never vouched for."""
+    from .feature_set import FeatureSet
+
+    fs = FeatureSet(directory, verify=True)
+    atomic_write_json(fs.directory / MANIFEST_NAME, manifest_json(fs.manifest, key))
+    return fs.manifest
 
 
 def _first_difference(a: dict, b: dict, prefix: str = "") -> str:

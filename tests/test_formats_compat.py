@@ -24,8 +24,11 @@ BASE = make_manifest()
     ({"grid": [1, 4]}, "tokens.grid"),
     ({"grid": None}, "tokens.grid"),
     ({"dim": 8}, "dim"),
-    ({"data_config": {**BASE.data_config, "interpolation": "bilinear"}}, "data_config"),
-    ({"data_config": {**BASE.data_config, "mean": [0.485, 0.456, 0.406]}}, "data_config"),
+    # the innermost field that differs is named, not the whole object (whose text would be cut off before it)
+    ({"data_config": {**BASE.data_config, "interpolation": "bilinear"}}, "data_config.interpolation"),
+    ({"data_config": {**BASE.data_config, "mean": [0.485, 0.456, 0.406]}}, "data_config.mean"),
+    ({"data_config": {**BASE.data_config, "crop_pct": 1.0}}, "data_config.crop_pct"),
+    ({"data_config": {k: v for k, v in BASE.data_config.items() if k != "crop_mode"}}, "data_config.crop_mode"),
     ({"classes": ["cat", "dog"]}, "classes"),
     ({"classes": ["dog", "cat", "eel"]}, "classes"),  # same names, other output units
 ])
