@@ -17,6 +17,7 @@ from mist.kit.cli import CONTEXT, completion_help, one_line_errors, os_error_mes
 from mist.kit.flags import SEED, LazyChoice, finite_float, memory_flag, memory_limit, memory_option
 from mist.kit.progress import MODES
 from mist.ship import commands as ship_commands
+from mist.ship import trust as ship_trust
 
 from .errors import CloudError
 
@@ -149,13 +150,13 @@ def _weights_choice(pretrained: bool, weights: str | None, random_init: bool) ->
 @click.option("--autocast", type=click.Choice(["auto", "off", "bf16", "fp16"]), default="auto",
               help="Forward in bf16/fp16 autocast (sums stay fp32). auto: bf16 for ViTs on CUDA, else off; "
                    "recorded in the manifest when on.")
+@ship_trust.sign_key_option("the feature set's manifest")
 @memory_option
 def extract(model: str, pretrained: bool, weights: str | None, random_init: bool, data: str, split: str,
             out: str, groups: str, scale: str, dtype: str, batch_size: int, workers: int, threads: int | None,
             shard_rows: int, limit: int | None, per_class: int | None, seed: int, img_size: int | None,
             crop_pct: float | None, crop_mode: str | None, interpolation: str | None, pool: str,
-            model_kwargs: dict | None,
-            overwrite: bool, device: str, progress: str, autocast: str) -> None:
+            model_kwargs: dict | None, overwrite: bool, device: str, progress: str, autocast: str, sign_key) -> None:
     """Extract Gather* features of --data through --model into the feature set --out.
 
     Rerunning the same command after an interruption resumes after the last whole shard. Under
@@ -170,7 +171,7 @@ def extract(model: str, pretrained: bool, weights: str | None, random_init: bool
         workers=workers, threads=threads, shard_rows=shard_rows, limit=limit, per_class=per_class, seed=seed,
         overwrite=overwrite, img_size=img_size, model_kwargs=model_kwargs, device=device, progress=progress,
         crop_pct=crop_pct, crop_mode=crop_mode, interpolation=interpolation, pool=pool,
-        autocast=autocast,
+        autocast=autocast, sign_key=sign_key,
         max_memory=memory_limit(memory_flag())[0],
     )
     run(cfg, log=_log)
@@ -184,7 +185,8 @@ def extract(model: str, pretrained: bool, weights: str | None, random_init: bool
 @click.option("--shard-rows", type=click.IntRange(1), default=None,
               help="Rows per shard of the new set. Default: the source set's.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing set at --out instead of resuming it.")
-def convert(feature_set: str, dtype: str, out: str, shard_rows: int | None, overwrite: bool) -> None:
+@ship_trust.sign_key_option("the new set's manifest")
+def convert(feature_set: str, dtype: str, out: str, shard_rows: int | None, overwrite: bool, sign_key) -> None:
     """Re-encode FEATURE_SET in another storage dtype into --out, without the backbone.
 
     The rows are decoded to fp32 and encoded again (int8/int4: quantised per token). Rerunning the same
@@ -192,7 +194,7 @@ def convert(feature_set: str, dtype: str, out: str, shard_rows: int | None, over
     """
     from .convert import convert as run
 
-    run(Path(feature_set), Path(out), dtype, shard_rows=shard_rows, overwrite=overwrite, log=_log)
+    run(Path(feature_set), Path(out), dtype, shard_rows=shard_rows, overwrite=overwrite, log=_log, signer=sign_key)
 
 
 @main.command()
@@ -203,7 +205,7 @@ def convert(feature_set: str, dtype: str, out: str, shard_rows: int | None, over
 def info(model: str, img_size: int | None, model_kwargs: dict | None) -> None:
     """List MODEL's tappable layers with their (T, d), and suggest --groups. Needs no weights."""
     from .backbones import create_backbone
-    from .gather import format_groups
+    from .gather import format_groups, same_shape_runs
     from .resources import address_space_limit
     from .taps import find_layers, probe, recipe_for
 
@@ -240,17 +242,6 @@ def info(model: str, img_size: int | None, model_kwargs: dict | None) -> None:
     click.echo(f"default: --groups auto = {format_groups(auto_groups([s.td for s in shapes]))}")
 
 
-def same_shape_runs(shapes: list[tuple[int, int]]) -> list[list[int]]:
-    """Maximal runs of consecutive layers with equal (T, d)."""
-    runs: list[list[int]] = []
-    for i, shape in enumerate(shapes):
-        if runs and shapes[runs[-1][-1]] == shape:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-    return runs
-
-
 @main.command()
 @click.option("--model", required=True, help="A timm model name, as for extract.")
 @click.option("--pretrained", is_flag=True, help="Pretrained weights, as for extract.")
@@ -265,8 +256,8 @@ def same_shape_runs(shapes: list[tuple[int, int]]) -> list[list[int]]:
               help="As for extract.")
 @click.option("--dtype", type=STORAGE_DTYPE, default="float16",
               help="Dtype of the answers; int8/int4 are quantised per token as extract --dtype does.")
-@click.option("--seed", type=int, default=0, help="Seeds --random-init.")
-@click.option("--img-size", type=int, default=None, help="Input size override (default: the model's).")
+@click.option("--seed", type=SEED, default=0, help="Seeds --random-init.")
+@click.option("--img-size", type=click.IntRange(1), default=None, help="Input size override (default: the model's).")
 @_MODEL_KWARGS
 @click.option("--device", default="cpu", help="cpu, cuda, cuda:N, or auto.")
 @click.option("--autocast", type=click.Choice(["auto", "off", "bf16", "fp16"]), default="auto", help="As for extract.")
@@ -316,10 +307,13 @@ def serve(model: str, pretrained: bool, weights: str | None, random_init: bool, 
     if threads:
         torch.set_num_threads(threads)
     overrides = {"crop_pct": crop_pct, "crop_mode": crop_mode, "interpolation": interpolation}
-    frozen = load_frozen(model, _weights_choice(pretrained, weights, random_init), weights, img_size, seed, groups,
-                         pool, {k: v for k, v in overrides.items() if v is not None}, device, autocast, _log,
-                         model_kwargs=model_kwargs)
-    run(frozen, cfg, log=_log)
+    try:  # Ctrl-C stops a server: nothing to resume, and not an error
+        frozen = load_frozen(model, _weights_choice(pretrained, weights, random_init), weights, img_size, seed,
+                             groups, pool, {k: v for k, v in overrides.items() if v is not None}, device, autocast,
+                             _log, model_kwargs=model_kwargs)
+        run(frozen, cfg, log=_log)
+    except KeyboardInterrupt:
+        _log("serve: stopped")
 
 
 # ---- help that teaches: summaries, examples, environment variables, metavars, option groups -----------------
@@ -393,6 +387,7 @@ Every option also reads an environment variable, MIST_<COMMAND>_<OPTION>, e.g. M
 
 """ + completion_help("mist-cloud")
 
-main.add_command(ship_commands.push)
+for command in (ship_commands.push, ship_trust.keygen, ship_trust.sign):
+    main.add_command(command)
 
 teach(main, _SHORT_HELP, _EPILOGS, _SECTIONS, _METAVARS, _OPTION_HELP)

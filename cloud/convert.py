@@ -11,12 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from mist.formats import FeatureSet, FeatureSetWriter, Manifest
 from mist.formats.atomic import atomic_write_bytes
 from mist.formats.quant import STORAGE_DTYPES, QuantError, bytes_per_row
+from mist.formats.writer import MAX_SHARD_BYTES, capped_shard_rows
 
 from .errors import CloudError
 
@@ -25,8 +27,13 @@ SKIPPED_NAME = "skipped.txt"  # cloud/extract.py's; not imported from there, whi
 
 
 def convert(source: Path, out: Path, dtype: str, shard_rows: int | None = None, overwrite: bool = False,
-            batch_rows: int = 256, log: Callable[[str], None] = print) -> Manifest:
-    """Write the rows of the set at ``source`` to ``out`` in ``dtype``; return the new manifest."""
+            batch_rows: int = 256, log: Callable[[str], None] = print, signer: Any = None,
+            max_shard_bytes: int = MAX_SHARD_BYTES) -> Manifest:
+    """Write the rows of the set at ``source`` to ``out`` in ``dtype``; return the new manifest, signed by
+    ``signer`` (a ``mist.formats.signing.SigningKey``) when given.
+
+    Shards are capped at ``MAX_SHARD_BYTES`` as extraction caps them: an int4 set converted to float32 has rows
+    8x larger, and with the source's row count a shard could outgrow a FAT32 stick's 4 GiB."""
     if dtype not in STORAGE_DTYPES:
         raise CloudError(f"--dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
     if out.resolve() == source.resolve():
@@ -35,7 +42,14 @@ def convert(source: Path, out: Path, dtype: str, shard_rows: int | None = None, 
     src = fs.manifest
     if shard_rows is None:
         shard_rows = src.shards[0].rows if src.shards and src.shards[0].rows else DEFAULT_SHARD_ROWS
-    writer = FeatureSetWriter(out, replace(src, dtype=dtype), shard_rows=shard_rows, overwrite=overwrite)
+    row_bytes = bytes_per_row(dtype, src.row_shape)
+    capped = capped_shard_rows(shard_rows, row_bytes, max_bytes=max_shard_bytes)
+    if capped != shard_rows:
+        log(f"shard rows {shard_rows} -> {capped}, so a shard stays under {max_shard_bytes:,} bytes "
+            f"({row_bytes:,} bytes per row; FAT32 sticks hold files under 4 GiB)")
+        shard_rows = capped
+    writer = FeatureSetWriter(out, replace(src, dtype=dtype), shard_rows=shard_rows, overwrite=overwrite,
+                              signer=signer)
     done = writer.rows_done
     if done:
         log(f"resuming: {done} rows in {len(writer.manifest.shards)} shards already written")

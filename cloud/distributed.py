@@ -38,7 +38,7 @@ from mist.formats import Manifest
 from mist.formats.atomic import atomic_write_bytes, atomic_write_json
 from mist.formats.feature_set import sha256_file
 from mist.formats.manifest import MANIFEST_NAME, Shard
-from mist.formats.writer import write_shard
+from mist.formats.writer import manifest_json, write_shard
 
 from .errors import CloudError
 
@@ -121,7 +121,7 @@ class Outcome:
 
 def extract(ranks: Ranks, out: Path, manifest: Manifest, ids: np.ndarray, shard_rows: int, overwrite: bool,
             describe: Callable[[int], str], compute: Compute, make_progress: Callable[[int], Any],
-            log: Callable[[str], None]) -> Outcome:
+            log: Callable[[str], None], signer: Any = None) -> Outcome:
     """Extract this rank's share of ``ids`` into ``out``; rank 0 writes the manifest once all are done."""
     out = Path(out)
     chunks = [ids[i:i + shard_rows] for i in range(0, len(ids), shard_rows)]
@@ -157,7 +157,7 @@ def extract(ranks: Ranks, out: Path, manifest: Manifest, ids: np.ndarray, shard_
         "waiting for the other ranks")
 
     _barrier(ranks)  # every rank reaches it only with all its chunks committed
-    final = _assemble(out, manifest, chunks, layout) if ranks.rank == 0 else None
+    final = _assemble(out, manifest, chunks, layout, signer) if ranks.rank == 0 else None
     final = _broadcast(ranks, final)
     if "error" in final:
         raise CloudError(final["error"])
@@ -278,7 +278,8 @@ def _check_shared_directory(ranks: Ranks, out: Path) -> None:
                          f"{', '.join(map(str, missing))}; on several machines --out must be a shared directory")
 
 
-def _assemble(out: Path, manifest: Manifest, chunks: list[np.ndarray], layout: str) -> dict[str, Any]:
+def _assemble(out: Path, manifest: Manifest, chunks: list[np.ndarray], layout: str, signer: Any = None,
+              ) -> dict[str, Any]:
     """Rank 0, after the barrier: skipped.txt and the complete manifest, in chunk (= canonical row) order."""
     shards: list[Shard] = []
     skipped: list[str] = []
@@ -292,7 +293,7 @@ def _assemble(out: Path, manifest: Manifest, chunks: list[np.ndarray], layout: s
         skipped.extend(record["skipped"])
     atomic_write_bytes(out / "skipped.txt", "".join(skipped).encode())
     complete = manifest.with_shards(shards, complete=True)
-    atomic_write_json(out / MANIFEST_NAME, complete.to_json())
+    atomic_write_json(out / MANIFEST_NAME, manifest_json(complete, signer))  # signed with --sign-key
     shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
     return {"manifest": complete.to_json(), "skipped": len(skipped)}
 

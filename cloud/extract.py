@@ -14,14 +14,16 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from mist.formats import FeatureSet, FeatureSetWriter, Manifest
 from mist.formats.atomic import atomic_write_bytes
+from mist.formats.manifest import check_classes
 from mist.formats.quant import SCHEMES, QuantError, bytes_per_row
-from mist.formats.writer import MAX_SHARD_BYTES, capped_shard_rows
+from mist.formats.writer import MAX_SHARD_BYTES, capped_shard_rows, refuse_complete
 from mist.kit.flags import memory_limit, memory_problem
 from mist.kit.progress import LineLog, TerminalBar, gauge, resolve_mode
 from mist.kit.text import format_duration
@@ -69,6 +71,7 @@ class ExtractConfig:
     interpolation: str | None = None
     pool: str = "none"  # "mean" or "cls": ship one pooled token per map (T=1)
     max_memory: int | None = None  # bytes; None: what the machine has available (cloud/resources.py)
+    sign_key: Any = None  # a mist.formats.signing.SigningKey: the complete manifest is signed with it
 
 
 @dataclass
@@ -91,7 +94,10 @@ def extract(cfg: ExtractConfig, log: Log = print) -> ExtractResult:
     ranks, device = distributed.join(torch_device(cfg.device))  # (None, device) in a single process
     if ranks is not None:
         log = _prefixed(log, f"[{ranks.name}] ")
+    if not cfg.overwrite:  # a finished set is refused before the model loads (minutes, for a big backbone)
+        refuse_complete(cfg.out)
     source = open_source(cfg.data, cfg.split)
+    check_classes(source.classes, lambda why: CloudError(f"--data {cfg.data}: the class names {why}"))
     ids = select(source.labels, cfg.limit, cfg.per_class, cfg.seed)
     if len(ids) == 0:
         raise CloudError(f"--data {cfg.data}: the selection is empty")
@@ -137,11 +143,12 @@ def extract(cfg: ExtractConfig, log: Log = print) -> ExtractResult:
 
     if ranks is not None:
         done = distributed.extract(ranks, Path(cfg.out), manifest, ids, shard_rows, cfg.overwrite, source.describe,
-                                   features, lambda total: _Progress(total, progress_mode, cfg.log_every, log), log)
+                                   features, lambda total: _Progress(total, progress_mode, cfg.log_every, log), log,
+                                   signer=cfg.sign_key)
         distributed.leave(ranks)
         return ExtractResult(done.manifest, done.rows_written, done.resumed_rows, done.skipped, done.seconds)
 
-    writer = FeatureSetWriter(cfg.out, manifest, shard_rows=shard_rows, overwrite=cfg.overwrite)
+    writer = FeatureSetWriter(cfg.out, manifest, shard_rows=shard_rows, overwrite=cfg.overwrite, signer=cfg.sign_key)
     resumed = writer.rows_done
     pending, last_id = ids, -1
     if resumed:

@@ -124,6 +124,17 @@ def auto_groups(shapes: Sequence[tuple[int, int]]) -> list[list[int]]:
     return [list(range(best_start, best_start + best_len))]
 
 
+def same_shape_runs(shapes: list[tuple[int, int]]) -> list[list[int]]:
+    """Maximal runs of consecutive layers with equal (T, d): each a valid group (``mist-cloud info`` lists them)."""
+    runs: list[list[int]] = []
+    for i, shape in enumerate(shapes):
+        if runs and shapes[runs[-1][-1]] == shape:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
 POOLS = ("none", "mean", "cls")
 
 

@@ -2,8 +2,8 @@
 
 This module is the app: its routes, request parsing and answers (``build_app``), and the start-up that binds
 and runs it (``serve``). The backbone is built by ``frozen.load_frozen`` and every batch goes through
-``FrozenBackbone.gather``, the calls ``extract`` makes, after the same decode (``Image.open(...).convert("RGB")``)
-and the same eval transform, so a served image's features are the ones ``extract`` writes for it.
+``FrozenBackbone.gather``, the calls ``extract`` makes, after the same decode (``images.to_rgb``) and the same
+eval transform, so a served image's features are the ones ``extract`` writes for it.
 
 Concurrent requests share forwards through ``batcher.Batcher``. What keeps the server safe by default (the
 bearer token, capped bodies and pixel counts, deadlines for slow clients, TLS checks) is in ``serve_guard``;
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mist.formats.served import LAYOUT_HEADER, MEDIA_TYPE, encode_features, served_layout
+from mist.formats.served import LAYOUT_HEADER, MEDIA_TYPE, certificate_pin, encode_features, served_layout
 
 from .batcher import Batcher, QueueFull
 from .errors import CloudError
@@ -107,10 +107,13 @@ def build_app(frozen: FrozenBackbone, cfg: ServeConfig, log: Log = print):
         async def replay() -> AsyncIterator[bytes]:
             yield body
 
-        try:
-            form = await MultiPartParser(request.headers, replay(), max_files=cfg.max_images, max_fields=8,
+        try:  # one file more than allowed still parses, so that too many images get their 413 below
+            form = await MultiPartParser(request.headers, replay(), max_files=cfg.max_images + 1, max_fields=8,
                                          max_part_size=64 * 1024).parse()
         except MultiPartException as e:
+            if "too many files" in e.message.lower():
+                raise RequestError(413, f"more than {cfg.max_images} images in one request; the server takes at "
+                                        f"most {cfg.max_images} (--max-images)") from None
             raise RequestError(400, f"bad multipart body: {e.message}") from None
         parts = []
         for key, value in form.multi_items():
@@ -211,9 +214,9 @@ def serve(frozen: FrozenBackbone, cfg: ServeConfig, log: Log = print) -> None:
         sock.close()
         raise CloudError(f"--host {cfg.host} --port {cfg.port}: cannot bind ({e.strerror or e})") from None
     sock.listen(128)  # connections wait in the backlog until uvicorn takes over the socket
-    config = uvicorn.Config(
-        app, http=guarded_protocol(cfg.client_timeout), ssl_certfile=cfg.tls_cert, ssl_keyfile=cfg.tls_key,
-        limit_concurrency=cfg.max_connections, timeout_keep_alive=5, log_level="warning", access_log=False,
+    config = uvicorn.Config(  # no limit_concurrency: guarded_protocol enforces --max-connections, in JSON
+        app, http=guarded_protocol(cfg.client_timeout, cfg.max_connections), ssl_certfile=cfg.tls_cert,
+        ssl_keyfile=cfg.tls_key, timeout_keep_alive=5, log_level="warning", access_log=False,
         lifespan="on", h11_max_incomplete_event_size=16 * 1024)
     server = uvicorn.Server(config)
     scheme = "https" if cfg.tls_cert else "http"
@@ -222,5 +225,8 @@ def serve(frozen: FrozenBackbone, cfg: ServeConfig, log: Log = print) -> None:
     log(f"serve: layout {app.state.fingerprint[:12]} ({frozen.backbone.name}, groups {frozen.groups}, "
         f"T={frozen.tokens}, d={frozen.dim}, {cfg.scale}, {cfg.dtype}); batches of up to {cfg.max_batch}, "
         f"waiting {cfg.max_wait_ms:g} ms; token {'required' if cfg.token else 'NOT required'}")
+    if cfg.tls_cert:
+        log(f"serve: TLS certificate {certificate_pin(cfg.tls_cert)} (devices pin it: mist-device predict "
+            "--server-pin)")
     log(f"serve: listening on {scheme}://{host}:{port}")
     server.run(sockets=[sock])

@@ -125,8 +125,12 @@ async def read_body(request: Request, max_bytes: int, timeout: float) -> bytes:
 
 
 def decode_image(data: bytes, transform: Callable, max_pixels: int, name: str) -> torch.Tensor:
-    """Image bytes -> the transformed (C, H, W) tensor, as ``Source.load`` and the extract transform make it."""
+    """Image bytes -> the transformed (C, H, W) tensor, through the decoder ``extract`` uses (``images.to_rgb``:
+    EXIF orientation, transparency over white, 16-bit and float greys scaled), so a served image's pixels are
+    the ones its extracted twin had."""
     from PIL import Image, UnidentifiedImageError
+
+    from .images import to_rgb
 
     if not data:
         raise RequestError(400, f"{name}: empty image")
@@ -138,9 +142,11 @@ def decode_image(data: bytes, transform: Callable, max_pixels: int, name: str) -
                 if width * height > max_pixels:
                     raise RequestError(413, f"{name}: {width}x{height} is {width * height:,} pixels, more than "
                                             f"the server's --max-pixels {max_pixels:,}")
-                rgb = image.convert("RGB")  # the full decode
+                rgb = to_rgb(image, name)  # the full decode, as extract does it
     except RequestError:
         raise
+    except CloudError as e:  # a mode with no faithful RGB conversion (LAB, ...): extract skips such a file
+        raise RequestError(422, str(e)) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise RequestError(413, f"{name}: refused as a decompression bomb ({first_line(e)})") from None
     except UnidentifiedImageError:
@@ -153,19 +159,37 @@ def decode_image(data: bytes, transform: Callable, max_pixels: int, name: str) -
 # ---- per connection ---------------------------------------------------------------------------------------
 
 
-def guarded_protocol(header_timeout: float) -> type:
-    """uvicorn's h11 protocol, plus a deadline for a request's headers.
+def _json_response(status: int, reason: str, message: str) -> bytes:
+    """A whole HTTP/1.1 answer with the one-line JSON error body every route answers with, closing."""
+    body = json.dumps({"error": message, "status": status}).encode()
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            f"content-length: {len(body)}\r\n\r\n").encode() + body
+
+
+def guarded_protocol(header_timeout: float, max_connections: int) -> type:
+    """uvicorn's h11 protocol, plus a deadline for a request's headers, and JSON bodies for the answers uvicorn
+    itself would give in plain text.
 
     uvicorn times out idle keep-alive connections but not a client that trickles its headers in byte by byte
-    (slowloris); such a connection would hold its socket forever. Here it gets a 408 and is closed.
+    (slowloris); such a connection would hold its socket forever. Here it gets a 408 and is closed. A request
+    h11 cannot parse (a bad Content-Length, oversized headers) gets a 400, and a connection beyond
+    ``max_connections`` a 503 (uvicorn's own limit is off, it answers in plain text), both as one-line JSON.
     """
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    body = json.dumps({"error": f"the request headers did not arrive within {header_timeout:g} s",
-                       "status": 408}).encode()
-    timeout_response = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                        b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    timeout_response = _json_response(408, "Request Timeout",
+                                      f"the request headers did not arrive within {header_timeout:g} s")
+    bad_request = _json_response(400, "Bad Request", "malformed HTTP request (request line, headers or "
+                                                     "Content-Length)")
+    busy = json.dumps({"error": f"the server holds its --max-connections {max_connections} connections; retry "
+                                "shortly", "status": 503}).encode()
+
+    async def busy_app(_scope, _receive, send) -> None:
+        await send({"type": "http.response.start", "status": 503,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(busy)).encode()),
+                                (b"connection", b"close"), (b"retry-after", b"1")]})
+        await send({"type": "http.response.body", "body": busy, "more_body": False})
 
     class GuardedH11Protocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
@@ -183,12 +207,18 @@ def guarded_protocol(header_timeout: float) -> type:
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            if len(self.connections) > max_connections:  # this one included: its requests all get the 503
+                self.app = busy_app
             sock = transport.get_extra_info("socket")
             if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
                 # uvicorn writes the status line and headers, then the body: without this, Nagle's algorithm
                 # holds the body until the client's delayed ACK, ~40 ms on every answer (measured).
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._arm()
+
+        def send_400_response(self, msg: str) -> None:
+            self.transport.write(bad_request)
+            self.transport.close()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()

@@ -14,6 +14,7 @@ import click
 from mist.kit.cli import CONTEXT, completion_help, one_line_errors, os_error_message, package_version, teach
 from mist.kit.text import json_text, terminal_text
 from mist.ship import commands as ship_commands
+from mist.ship import trust as ship_trust
 
 from . import cli_results, cli_train
 from .cli_options import open_set
@@ -91,6 +92,7 @@ def _groups_text(groups: list[list[int]]) -> str:
 @ship_commands.PROGRESS
 @ship_commands.JSON
 @click.option("--deep", is_flag=True, help="Also read every feature: refuse NaN or inf, count labelled rows.")
+@ship_trust.trust_options
 def verify(feature_set: str, endpoint_url: str | None, progress: str, as_json: bool, deep: bool) -> None:
     """Check a feature set's manifest, every shard header and every shard checksum.
 
@@ -99,25 +101,29 @@ def verify(feature_set: str, endpoint_url: str | None, progress: str, as_json: b
     from mist.formats import FormatError
 
     if "://" in feature_set:
-        ship_commands.verify_url(feature_set, endpoint_url, as_json, progress)
+        ship_commands.verify_url(feature_set, endpoint_url, as_json, progress, trust=ship_trust.current_trust())
         return
     if not Path(feature_set).is_dir():
         raise click.BadParameter(f"{feature_set}: not a folder", param_hint="'FEATURE_SET'")
-    fs = open_set(feature_set, verify=True)
+    trust = ship_trust.current_trust()
+    fs = open_set(feature_set, verify=True, trust=trust)
+    signed_by = trust.checked.get(str(fs.directory / "manifest.json"))
     if len(fs) == 0:
         raise FormatError(f"{fs.directory}: empty feature set (0 rows in {len(fs.manifest.shards)} shards); "
                           "there is nothing to train on or evaluate")
     counts = fs.check_values() if deep else None
     if as_json:
         click.echo(json_text({"source": str(fs.directory), "rows": len(fs), "shards": len(fs.manifest.shards),
-                              "verified": True, **({"values": counts} if counts else {})}, indent=None))
+                              "verified": True, "signed_by": signed_by, **({"values": counts} if counts else {})},
+                             indent=None))
         return
     detail = ""
     if counts:
         detail = (f", all features finite, {counts['labelled']:,} labelled rows in {counts['classes_present']} of "
                   f"{fs.num_classes} classes, {counts['unlabelled']:,} unlabelled")
+    signature = f", signed by trusted key {signed_by}" if signed_by else ""
     click.echo(terminal_text(f"ok: {fs.directory} ({len(fs):,} rows, {len(fs.manifest.shards)} shards, "
-                             f"checksums match{detail})"))
+                             f"checksums match{signature}{detail})"))
 
 
 # ---- help that teaches: summaries, examples, environment variables, metavars, option groups -----------------
@@ -139,7 +145,8 @@ Examples:
     "verify": """\b
 Examples:
   mist-device verify feats/train && mist-device verify feats/test
-  mist-device verify s3://mist-sets/fmnist/train""",
+  mist-device verify s3://mist-sets/fmnist/train
+  mist-device verify feats/train --signatures require --trusted-key cloud.key.pub""",
     "train": """\b
 Examples:
   mist-device train feats/train --out run --val-split 0.2
@@ -159,7 +166,9 @@ Examples:
   mist-device predict run --server http://127.0.0.1:8750 --token-file token photo.jpg --top-k 3""",
     "export": """\b
 Examples:
-  mist-device export run adaptor.safetensors""",
+  mist-device export run adaptor.safetensors
+  mist-device export run adaptor.safetensors --sign-key owner.key   # devices that trust owner.key.pub
+                                                                    # can refuse any other adaptor""",
 }
 
 _SECTIONS = {
@@ -198,7 +207,7 @@ Every option also reads an environment variable, MIST_<COMMAND>_<OPTION>, e.g. M
 """ + completion_help("mist-device")
 
 for command in (cli_train.train, cli_results.evaluate, cli_results.predict, cli_results.export, cli_results.report,
-                ship_commands.pull, ship_commands.ls):
+                ship_commands.pull, ship_commands.ls, ship_trust.keygen, ship_trust.sign):
     main.add_command(command)
 
 teach(main, _SHORT_HELP, _EPILOGS, _SECTIONS, _METAVARS, _OPTION_HELP)

@@ -28,10 +28,15 @@ def _kind_names() -> list[str]:
 KIND_CHOICE = LazyChoice(_kind_names)  # --model: a registered model kind (device/kinds.py) or auto
 
 
-def open_set(path: str, verify: bool = False):
+def open_set(path: str, verify: bool = False, trust: Any = None):
+    """The feature set at ``path``; with ``trust`` (``mist.ship.trust.current_trust()``) its signature is checked
+    before anything else is read."""
     from mist.formats import FeatureSet
 
-    return FeatureSet(path, verify=verify)
+    if trust is not None and trust.hashes_shards and not verify:
+        raise click.UsageError("--no-verify cannot be combined with --signatures require: a signature vouches for "
+                               "the shards only through the checksums it pins")
+    return FeatureSet(path, verify=verify, trust=trust)
 
 
 def threads_option(f):
@@ -54,8 +59,10 @@ def progress_option(f):
                              "and none for the others.")(f)
 
 
-def load_adaptor(path: str) -> tuple[Any, Any, Path]:
-    """A checkpoint file, or a run directory (its best checkpoint, else its last): (checkpoint, model, path)."""
+def load_adaptor(path: str, trust: Any = None) -> tuple[Any, Any, Path]:
+    """A checkpoint file, or a run directory (its best checkpoint, else its last): (checkpoint, model, path).
+
+    Its digests are checked on every load; with ``trust``, its signature too (before any field is used)."""
     from mist.formats import FormatError, load_checkpoint
 
     from .kinds import model_from_checkpoint
@@ -66,16 +73,21 @@ def load_adaptor(path: str) -> tuple[Any, Any, Path]:
         p = next((c for c in candidates if c.exists()), None)
         if p is None:
             raise FormatError(f"{path}: run directory holds no best.safetensors or last.safetensors")
-    ckpt = load_checkpoint(p)
+    ckpt = load_checkpoint(p, trust)
     return ckpt, model_from_checkpoint(ckpt, p), p
 
 
-def require_inference_memory(model: Any, batch_size: int, rows: int) -> None:
+def require_inference_memory(model: Any, batch_size: int, rows: int, scored_classes: int = 0) -> None:
+    """Refuse before allocating when running ``model`` over ``rows`` rows (and, when scoring, a confusion matrix
+    of ``scored_classes`` classes) would exceed --max-memory."""
     from .kinds import describe
-    from .memory import inference_bytes
+    from .memory import confusion_bytes, inference_bytes
 
-    require_memory(inference_bytes(model, min(batch_size, max(rows, 1)), rows),
-                   f"running the {describe(model)} over {rows} rows with --batch-size {batch_size}")
+    scoring = confusion_bytes(scored_classes) if scored_classes else 0
+    what = f"running the {describe(model)} over {rows} rows with --batch-size {batch_size}"
+    if scored_classes:
+        what += f" and scoring {scored_classes:,} classes"
+    require_memory(inference_bytes(model, min(batch_size, max(rows, 1)), rows) + scoring, what)
 
 
 def check_set_against(ckpt: Any, ckpt_path: Path, fs: Any, classes: bool = True) -> None:

@@ -10,6 +10,7 @@ import click
 from mist.kit.cli import SectionedCommand
 from mist.kit.flags import memory_option
 from mist.kit.text import json_text, terminal_text
+from mist.ship.trust import current_trust, sign_key_option, trust_options
 
 from .cli_options import (
     check_set_against,
@@ -22,6 +23,17 @@ from .cli_options import (
 )
 from .predictions import format_predictions, top_classes
 
+MAX_PRINTED_CONFUSION = 50  # classes; a wider matrix wraps into noise on a terminal
+
+
+def _pins(ctx: click.Context, values: tuple[str, ...]) -> tuple[str, ...]:
+    from mist.formats.served import parse_pin
+
+    try:
+        return tuple(parse_pin(v) for v in values)
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param_hint="'--server-pin'") from None
+
 
 @click.command(cls=SectionedCommand)
 @click.argument("adaptor", type=click.Path(exists=True))
@@ -33,6 +45,7 @@ from .predictions import format_predictions, top_classes
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the shards.")
 @progress_option
 @memory_option
+@trust_options
 @threads_option
 def evaluate(adaptor: str, test_set: str, as_json: bool, batch_size: int, no_verify: bool, progress: str) -> None:
     """Accuracy, per-class accuracy and confusion matrix of ADAPTOR (a run dir or checkpoint) on TEST_SET.
@@ -43,10 +56,11 @@ def evaluate(adaptor: str, test_set: str, as_json: bool, batch_size: int, no_ver
     from .evaluation import evaluate_by_name
     from .progress import rows_progress
 
-    ckpt, model, path = load_adaptor(adaptor)
-    fs = open_set(test_set, verify=not no_verify)
+    trust = current_trust()
+    ckpt, model, path = load_adaptor(adaptor, trust)
+    fs = open_set(test_set, verify=not no_verify, trust=trust)
     check_set_against(ckpt, path, fs, classes=False)
-    require_inference_memory(model, batch_size, int((fs.labels >= 0).sum()))
+    require_inference_memory(model, batch_size, int((fs.labels >= 0).sum()), len(ckpt.classes))
     bar = rows_progress(int((fs.labels >= 0).sum()), progress, "evaluating", log=lambda m: click.echo(m, err=True))
     report = {"checkpoint": str(path), "test_set": test_set,
               **evaluate_by_name(model, ckpt.classes, fs, batch_size=batch_size, progress=bar)}
@@ -60,6 +74,9 @@ def evaluate(adaptor: str, test_set: str, as_json: bool, batch_size: int, no_ver
     width = max(len(c) for c in shown)
     for c, a in zip(shown, per_class):
         click.echo(f"  {c:<{width}}  " + ("    -  (no test rows)" if a is None else f"{a:.3f}"))
+    if len(shown) > MAX_PRINTED_CONFUSION:
+        click.echo(f"confusion: {len(shown):,} x {len(shown):,}, too large to print; --json holds it")
+        return
     click.echo("confusion (rows: true, columns: predicted)")
     for c, row in zip(shown, confusion):
         click.echo(f"  {c:<{width}}  " + " ".join(f"{v:5d}" for v in row))
@@ -82,12 +99,18 @@ def evaluate(adaptor: str, test_set: str, as_json: bool, batch_size: int, no_ver
               help="With --server: file holding its bearer token. Default: $MIST_SERVE_TOKEN.")
 @click.option("--ca-cert", type=click.Path(dir_okay=False), default=None,
               help="With an https --server: a PEM certificate to trust (e.g. a self-signed one).")
+@click.option("--server-pin", "server_pins", multiple=True, callback=lambda ctx, p, v: _pins(ctx, v),
+              metavar="sha256:HEX",
+              help="With an https --server: accept only a server whose TLS certificate has this sha256 (serve "
+                   "prints it); checked before the token or any image is sent. Repeat it to allow a new "
+                   "certificate beside the old one.")
 @progress_option
 @memory_option
+@trust_options
 @threads_option
 def predict(adaptor: str, feature_set: tuple[str, ...], top_k: int, fmt: str, as_json: bool, output: str | None,
             batch_size: int, no_verify: bool, server: str | None, token_file: str | None,
-            ca_cert: str | None, progress: str) -> None:
+            ca_cert: str | None, server_pins: tuple[str, ...], progress: str) -> None:
     """Predict a class for every row of FEATURE_SET (labelled or not) with ADAPTOR.
 
     With --server URL, the arguments are image files instead: each is sent to the server, only its Gather*
@@ -98,12 +121,13 @@ def predict(adaptor: str, feature_set: tuple[str, ...], top_k: int, fmt: str, as
     from .evaluation import evaluate_rows
 
     fmt = "json" if as_json else fmt
-    ckpt, model, path = load_adaptor(adaptor)
+    trust = current_trust()
+    ckpt, model, path = load_adaptor(adaptor, trust)
     if server is not None:
         from . import remote
 
         text, count = remote.run(ckpt, model, path, server, list(feature_set), remote.read_token(token_file),
-                                 ca_cert, min(top_k, len(ckpt.classes)), fmt)
+                                 ca_cert, min(top_k, len(ckpt.classes)), fmt, pins=server_pins)
         write_text(text, count, output)
         return
     if len(feature_set) != 1:
@@ -113,7 +137,7 @@ def predict(adaptor: str, feature_set: tuple[str, ...], top_k: int, fmt: str, as
         raise click.UsageError(f"FEATURE_SET {feature_set[0]}: not a feature-set directory "
                                "(image files go with --server URL)")
     feature_set = feature_set[0]
-    fs = open_set(feature_set, verify=not no_verify)
+    fs = open_set(feature_set, verify=not no_verify, trust=trust)
     check_set_against(ckpt, path, fs, classes=False)
     require_inference_memory(model, batch_size, len(fs))
     top_k = min(top_k, len(ckpt.classes))
@@ -132,8 +156,10 @@ def predict(adaptor: str, feature_set: tuple[str, ...], top_k: int, fmt: str, as
 @click.command(cls=SectionedCommand)
 @click.argument("adaptor", type=click.Path(exists=True))
 @click.argument("out", type=click.Path(dir_okay=False))
-def export(adaptor: str, out: str) -> None:
-    """Write ADAPTOR's weights and metadata only (no optimizer state) to OUT, for inference."""
+@sign_key_option("the exported adaptor")
+def export(adaptor: str, out: str, sign_key) -> None:
+    """Write ADAPTOR's weights and metadata only (no optimizer state) to OUT, for inference, with a digest of
+    every tensor and of the metadata; with --sign-key, signed."""
     from mist.formats import Checkpoint, save_checkpoint
 
     ckpt, _, path = load_adaptor(adaptor)
@@ -143,9 +169,10 @@ def export(adaptor: str, out: str) -> None:
 
     slim = Checkpoint(params=ckpt.params, config=ckpt.config, classes=ckpt.classes,
                       feature_set=inference_record(ckpt.feature_set), kind=ckpt.kind)
-    save_checkpoint(out, slim)
+    save_checkpoint(out, slim, signer=sign_key)
     size = Path(out).stat().st_size
-    click.echo(f"exported {path} -> {out} ({size:,} bytes)")
+    signed = f", signed with key {sign_key.public.key_id}" if sign_key is not None else ""
+    click.echo(f"exported {path} -> {out} ({size:,} bytes{signed})")
 
 
 
@@ -167,6 +194,8 @@ The PNG files need matplotlib: pip install 'mist-tuning[plots]'. Without it the 
 @click.option("--batch-size", type=click.IntRange(1), default=128, help="Rows per forward pass.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the shards.")
 @progress_option
+@memory_option
+@trust_options
 @threads_option
 def report(run_dir: str, test_set: str | None, out_dir: str | None, batch_size: int, no_verify: bool,
            progress: str) -> None:
@@ -194,9 +223,11 @@ def report(run_dir: str, test_set: str | None, out_dir: str | None, batch_size: 
         from .evaluation import evaluate_by_name
         from .progress import rows_progress
 
-        ckpt, model, path = load_adaptor(run_dir)
-        fs = open_set(test_set, verify=not no_verify)
+        trust = current_trust()
+        ckpt, model, path = load_adaptor(run_dir, trust)
+        fs = open_set(test_set, verify=not no_verify, trust=trust)
         check_set_against(ckpt, path, fs, classes=False)
+        require_inference_memory(model, batch_size, int((fs.labels >= 0).sum()), len(ckpt.classes))
         bar = rows_progress(int((fs.labels >= 0).sum()), progress, "evaluating", log=lambda m: click.echo(m, err=True))
         result = evaluate_by_name(model, ckpt.classes, fs, batch_size=batch_size, progress=bar)
         confusion = np.array(result["confusion"])
@@ -210,7 +241,10 @@ def report(run_dir: str, test_set: str | None, out_dir: str | None, batch_size: 
                 "confusion": result["confusion"], "classes": ckpt.classes, "table": table}
         atomic_write_bytes(out / rep.TABLE, (json.dumps(body, indent=1) + "\n").encode())
         written.append(out / rep.TABLE)
-        if plots:
+        if plots and len(ckpt.classes) > rep.MAX_PLOTTED_CLASSES:
+            click.echo(f"confusion.png skipped: {len(ckpt.classes):,} classes is more than a readable picture "
+                       f"holds ({rep.MAX_PLOTTED_CLASSES}); {rep.TABLE} has the whole matrix", err=True)
+        elif plots:
             title = f"{path.name} on {Path(test_set).name}: accuracy {table['accuracy']:.3f}"
             written.append(rep.plot_confusion(confusion, ckpt.classes, out / rep.CONFUSION, title))
     else:

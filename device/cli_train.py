@@ -6,6 +6,7 @@ import click
 
 from mist.kit.cli import SectionedCommand
 from mist.kit.flags import SEED, finite_float, memory_option, require_memory
+from mist.ship.trust import current_trust, trust_options
 
 from .cli_options import KIND_CHOICE, open_set, progress_option, threads_option
 
@@ -72,6 +73,7 @@ from .cli_options import KIND_CHOICE, open_set, progress_option, threads_option
               help="Stop training a model (the adaptor, or each one of a search) after N epochs without a better "
                    "validation accuracy.")
 @memory_option
+@trust_options
 @threads_option
 def train(train_set: str, run_dir: str, val_set: str | None, val_split: float, rank: int, heads: int,
           blocks_per_group: int, pool: str, input_scale: float, epochs: int, batch_size: int, lr: float,
@@ -93,10 +95,11 @@ def train(train_set: str, run_dir: str, val_set: str | None, val_split: float, r
 
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other")
-    train_fs = open_set(train_set, verify=not no_verify)
+    trust = current_trust()
+    train_fs = open_set(train_set, verify=not no_verify, trust=trust)
     val_fs = None
     if val_set is not None:
-        val_fs = open_set(val_set, verify=not no_verify)
+        val_fs = open_set(val_set, verify=not no_verify, trust=trust)
         check_compatible(train_fs.manifest, val_fs.manifest)
     try:
         cfg = build_config(train_fs, rank=rank, heads=heads, blocks_per_group=blocks_per_group, pool=pool,

@@ -60,6 +60,13 @@ def training_bytes(member_cfgs: list[Any], fitted_cfgs: list[Any], batch: int, r
     return INTERPRETER + _SLACK_ROWS * 4 * k * T * d + held + max(training, validation, fitting)
 
 
+def confusion_bytes(num_classes: int) -> int:
+    """A C x C confusion matrix as evaluate and report hold it: the int64 array, and its Python list (an int
+    object and a list slot per cell, ~40 bytes) for the JSON and the table. 50,000 classes (the most a set may
+    name, formats/SPEC.md §2) would need ~100 GiB, which the memory check refuses before allocating."""
+    return num_classes * num_classes * 48 + num_classes * 256
+
+
 def inference_bytes(model: Any, batch: int, rows: int) -> int:
     """Running ``model`` over ``rows`` rows in chunks of ``batch``: its kind's figure, the chunk's staged and
     prepared features, and a record per predicted row."""

@@ -17,6 +17,9 @@ from mist.formats import FormatError
 
 PLOTS_HINT = "pip install 'mist-tuning[plots]'"
 CURVES, CONFUSION, TABLE = "curves.png", "confusion.png", "report.json"
+# Above this many classes a confusion picture is unreadable and its canvas grows with C^2 (1,000 classes: a
+# 55,000-pixel square); the table and report.json still hold every class.
+MAX_PLOTTED_CLASSES = 100
 DPI = 100
 CURVES_SIZE = (13.5, 4.0)  # inches: three panels side by side, 1350 x 400 pixels
 

@@ -9,12 +9,16 @@ URL changed.
 
 Encoding and decoding are one function each, so a new storage dtype changes them and nothing else. The bearer
 token follows one rule on both sides, ``read_token``: a client token the server would refuse can never work.
+So does the TLS certificate pin (``certificate_pin``, ``parse_pin``): the server prints the pin of its
+certificate, and a device given ``--server-pin`` refuses any other certificate before it sends a byte.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import struct
 
 import numpy as np
@@ -125,3 +129,40 @@ def read_token(token_file: str | None) -> str | None:
     if not all(33 <= ord(c) < 127 for c in token):
         raise FormatError(f"{where}: the token must be printable ASCII without spaces")
     return token
+
+
+# ---- TLS certificate pins ----------------------------------------------------------------------------------
+
+PIN_PREFIX = "sha256:"
+_PEM_CERT = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+
+
+def der_pin(der: bytes) -> str:
+    """The pin of a certificate: ``sha256:`` and the hex sha256 of its DER bytes, as
+    ``openssl x509 -noout -fingerprint -sha256`` prints it (there in upper case with colons)."""
+    return PIN_PREFIX + hashlib.sha256(der).hexdigest()
+
+
+def certificate_pin(cert_file: str) -> str:
+    """The pin of the first certificate in the PEM file ``cert_file`` (the server's own, in a chain file)."""
+    import ssl
+
+    try:
+        with open(cert_file, encoding="ascii", errors="replace") as f:
+            found = _PEM_CERT.search(f.read())
+        if found is None:
+            raise ValueError("no PEM certificate")
+        return der_pin(ssl.PEM_cert_to_DER_cert(found.group(0)))
+    except (OSError, ValueError) as e:
+        raise FormatError(f"{cert_file}: cannot read a PEM certificate ({getattr(e, 'strerror', None) or e})") from None
+
+
+def parse_pin(text: str) -> str:
+    """A pin as a user may paste it: ``sha256:HEX``, bare hex, or openssl's ``AB:CD:...``; in canonical form.
+    Raises ValueError for anything else."""
+    value = text.strip()
+    value = value[len(PIN_PREFIX):] if value.lower().startswith(PIN_PREFIX) else value
+    value = value.replace(":", "").lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise ValueError(f"{text!r} is not a sha256 certificate pin (sha256: and 64 hex digits)")
+    return PIN_PREFIX + value

@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,8 @@ MANIFEST_DOMAIN = b"mist-feature-set-manifest/1\n"
 ADAPTOR_DOMAIN = b"mist-adaptor/1\n"
 INSTALL_HINT = "pip install 'mist-tuning[sign]'"
 MAX_KEY_FILE_BYTES = 1 << 20
+_UNSIGNED_HINT = {"feature set": " (sign it where it was made: mist-cloud sign SET --key KEY)",
+                  "adaptor": " (export it signed: mist-device export RUN OUT --sign-key KEY)"}
 
 
 class SignatureError(FormatError):
@@ -208,6 +210,7 @@ class Trust:
     policy: str = DEFAULT_POLICY
     keys: tuple[PublicKey, ...] = ()
     warn: Callable[[str], None] = _stderr
+    checked: dict[str, str] = field(default_factory=dict, compare=False)  # where -> the key id that signed it
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -231,7 +234,8 @@ class Trust:
             return None
         if signature is None:
             if self.policy == "require":
-                raise SignatureError(f"{where}: unsigned {what}, refused under --signatures require")
+                raise SignatureError(f"{where}: unsigned {what}, refused under --signatures require"
+                                     f"{_UNSIGNED_HINT.get(what, '')}")
             if self.keys:
                 self.warn(f"warning: {where}: unsigned {what}; accepted under --signatures when-present")
             return None
@@ -250,6 +254,7 @@ class Trust:
         except (exceptions.BadSignatureError, ValueError):
             raise SignatureError(f"{where}: the signature by key {key_id} does not match the {what} "
                                  "(modified after it was signed)") from None
+        self.checked[where] = key_id
         return key_id
 
 

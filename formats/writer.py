@@ -184,6 +184,19 @@ def write_shard(directory: Path, index: int, manifest: Manifest, features: np.nd
     return Shard(file=name, rows=len(ids), sha256=sha256_file(path))
 
 
+def refuse_complete(directory: str | os.PathLike) -> None:
+    """Refuse, as a writer opened without ``overwrite`` would, a directory that already holds a complete set:
+    callers check it before costly work (``extract`` before loading the model). A manifest that cannot be
+    read is left for the writer to report."""
+    path = Path(directory) / MANIFEST_NAME
+    try:
+        complete = path.is_file() and Manifest.load(path).complete
+    except FormatError:
+        return
+    if complete:
+        raise FormatError(f"{path}: the feature set is already complete; pass --overwrite to replace it")
+
+
 def sign_feature_set(directory: str | os.PathLike, key: SigningKey) -> Manifest:
     """Sign the complete set at ``directory`` (``mist-cloud sign``): every shard header and checksum is checked
     against the manifest first, so a set modified since it was written is never vouched for."""

@@ -17,6 +17,8 @@ import click
 from mist.kit.flags import finite_float
 from mist.kit.progress import MODES
 
+from .trust import current_trust, trust_options
+
 if TYPE_CHECKING:
     from .copy import Report
 
@@ -37,7 +39,7 @@ OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace a different 
 
 def run_copy(verb: str, source: str, destination: str, endpoint_url: str | None = None, overwrite: bool = False,
              max_rate_mib: float | None = None, part_size_mib: int | None = None, as_json: bool = False,
-             progress: str = "auto", out: TextIO | None = None) -> Report:
+             progress: str = "auto", out: TextIO | None = None, trust=None) -> Report:
     """What ``push`` and ``pull`` do: open both ends, copy with progress, print a line or JSON."""
     from .copy import copy_set
     from .progress import choose_progress, summary_line
@@ -48,14 +50,14 @@ def run_copy(verb: str, source: str, destination: str, endpoint_url: str | None 
     dst = open_store(destination, endpoint_url, part_size=part_size_mib << 20 if part_size_mib else None)
     shown = choose_progress("none" if as_json and progress == "auto" else progress, verb)
     report = copy_set(src, dst, shown, overwrite=overwrite,
-                      max_rate=max_rate_mib * (1 << 20) if max_rate_mib else None)
+                      max_rate=max_rate_mib * (1 << 20) if max_rate_mib else None, trust=trust)
     out.write((json.dumps(report.to_json(), indent=2) if as_json else summary_line(verb, report)) + "\n")
     out.flush()
     return report
 
 
 def verify_url(location: str, endpoint_url: str | None = None, as_json: bool = False, progress: str = "auto",
-               out: TextIO | None = None) -> Report:
+               out: TextIO | None = None, trust=None) -> Report:
     """``mist-device verify`` for a URL: stream every shard, hash it, name the first bad one."""
     from .copy import verify_set
     from .progress import choose_progress
@@ -63,7 +65,8 @@ def verify_url(location: str, endpoint_url: str | None = None, as_json: bool = F
 
     out = out or sys.stdout
     store = open_store(location, endpoint_url)
-    report = verify_set(store, choose_progress("none" if as_json and progress == "auto" else progress, "verify"))
+    report = verify_set(store, choose_progress("none" if as_json and progress == "auto" else progress, "verify"),
+                        trust=trust)
     if as_json:
         out.write(json.dumps(report.to_json(), indent=2) + "\n")
     else:
@@ -110,16 +113,18 @@ Examples:
               help="Cap the copy at this many MiB/s (a shared link).")
 @PROGRESS
 @JSON
+@trust_options
 def pull(source: str, destination: str, endpoint_url: str | None, overwrite: bool, max_rate: float | None,
          progress: str, as_json: bool) -> None:
     """Copy the feature set at SOURCE to DESTINATION, verified, resumable, manifest last.
 
     Either end is a folder (e.g. the set on a mounted USB stick) or s3://bucket/prefix. Every shard's sha256
     is checked while it streams; shards already at DESTINATION with the right checksum are skipped, so an
-    interrupted pull resumes when rerun. Files and the folder are fsynced before it reports success.
+    interrupted pull resumes when rerun. Files and the folder are fsynced before it reports success. The
+    manifest's signature is checked (--signatures) before any shard is copied.
     """
     run_copy("pull", source, destination, endpoint_url, overwrite=overwrite, max_rate_mib=max_rate,
-             as_json=as_json, progress=progress)
+             as_json=as_json, progress=progress, trust=current_trust())
 
 
 @click.command(name="ls", short_help="List the feature sets in a folder or a bucket.", epilog="""\b

@@ -13,18 +13,22 @@ The manifest travels byte for byte, so a shipped set is byte-identical. The stor
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mist.formats import FormatError
 from mist.formats.manifest import MANIFEST_NAME, Manifest
 
 from .store import CHUNK, ShipError, Store
+
+if TYPE_CHECKING:
+    from mist.formats.signing import Trust
 
 DOWNLOAD_ATTEMPTS = 3  # a dropped download stream restarts its shard, this many times at most
 
@@ -76,6 +80,7 @@ class Report:
     rows: int
     shards: list[ShardResult] = field(default_factory=list)
     seconds: float = 0.0
+    removed: list[str] = field(default_factory=list)  # shard files of a replaced set, deleted after the copy
 
     @property
     def bytes_total(self) -> int:
@@ -93,7 +98,7 @@ class Report:
                 "bytes_copied": self.bytes_with("copied"), "bytes_skipped": self.bytes_with("skipped"),
                 "seconds": round(self.seconds, 6),
                 "bytes_per_s": round(self.bytes_total / self.seconds, 1) if self.seconds > 0 else None,
-                "verified": True}
+                "verified": True, "removed": list(self.removed)}
 
 
 # ---- copy, verify, list -----------------------------------------------------------------------------------
@@ -114,7 +119,7 @@ class _Throttle:
             time.sleep(ahead)
 
 
-def _load_manifest(store: Store) -> tuple[bytes, Manifest]:
+def _load_manifest(store: Store, trust: Trust | None = None) -> tuple[bytes, Manifest]:
     where = store.where(MANIFEST_NAME)
     data = store.read_small(MANIFEST_NAME)
     if data is None:
@@ -123,7 +128,7 @@ def _load_manifest(store: Store) -> tuple[bytes, Manifest]:
         obj = json.loads(data)
     except (ValueError, RecursionError):
         raise ShipError(f"{where}: manifest is not valid JSON") from None
-    return data, Manifest.from_json(obj, source=where)
+    return data, Manifest.from_json(obj, source=where, trust=trust)  # the signature first, before any shard
 
 
 def _check_names(manifest: Manifest, where: str) -> None:
@@ -160,12 +165,13 @@ def _same_set(a: Manifest, b: Manifest) -> bool:
 
 
 def copy_set(src: Store, dst: Store, progress: Progress | None = None,
-             overwrite: bool = False, max_rate: float | None = None) -> Report:
-    """Copy the complete feature set at ``src`` to ``dst``, shard by shard, manifest last."""
+             overwrite: bool = False, max_rate: float | None = None, trust: Trust | None = None) -> Report:
+    """Copy the complete feature set at ``src`` to ``dst``, shard by shard, manifest last; with ``trust``, the
+    manifest's signature is checked before any shard is copied."""
     progress = progress or Progress()
     if src.place() == dst.place():
         raise ShipError(f"{dst.where()}: source and destination are the same place")
-    manifest_bytes, manifest = _load_manifest(src)
+    manifest_bytes, manifest = _load_manifest(src, trust)
     if not manifest.complete:
         raise ShipError(f"{src.where(MANIFEST_NAME)}: the set is incomplete ({manifest.rows} rows so far); "
                         "finish the extraction before shipping it")
@@ -207,6 +213,13 @@ def copy_set(src: Store, dst: Store, progress: Progress | None = None,
         report.shards.append(ShardResult(shard.file, size, status, time.perf_counter() - began))
         progress.shard_end(shard.file, status, size, time.perf_counter() - began)
     dst.write_manifest(manifest_bytes)
+    # A set replaced with --overwrite may have had more shards: the manifest no longer lists them, so they are
+    # dead weight on the stick (and would be taken for this set's by anyone looking at the folder).
+    listed = {s.file for s in manifest.shards}
+    for name in sorted(dst_sizes):
+        if fnmatch.fnmatch(name, "shard-*.safetensors*") and name not in listed:
+            dst.delete(name)
+            report.removed.append(name)
     report.seconds = time.perf_counter() - start
     progress.end()
     return report
@@ -231,10 +244,10 @@ def _copy_shard(src: Store, dst: Store, name: str, sha256: str, size: int,
             time.sleep(2 ** attempt)
 
 
-def verify_set(store: Store, progress: Progress | None = None) -> Report:
+def verify_set(store: Store, progress: Progress | None = None, trust: Trust | None = None) -> Report:
     """Hash every shard at ``store`` against its manifest, streaming; raise naming the first bad one."""
     progress = progress or Progress()
-    _, manifest = _load_manifest(store)
+    _, manifest = _load_manifest(store, trust)
     if not manifest.complete:
         raise ShipError(f"{store.where(MANIFEST_NAME)}: incomplete feature set ({manifest.rows} rows in "
                         f"{len(manifest.shards)} shards so far)")

@@ -97,6 +97,13 @@ class LocalStore:
         probe = self.root
         while not probe.exists() and probe != probe.parent:
             probe = probe.parent
+        # Read-only first: a read-only stick that is also nearly full must not be reported as short of space.
+        try:
+            read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY) or not os.access(probe, os.W_OK)
+        except OSError:
+            read_only = False
+        if read_only:
+            raise ShipError(f"{self.root}: Read-only file system or folder ({probe} cannot be written)")
         try:
             free = shutil.disk_usage(probe).free
         except OSError:
