@@ -35,7 +35,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     echo "setup: creating $VENV"
     "$PY" -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import mist.cloud, mist.device, mist.kit, mist.ship, timm, sklearn, pytest, boto3, moto.server, uvicorn, starlette, python_multipart" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import mist.cloud, mist.device, mist.kit, mist.ship, timm, sklearn, pytest, boto3, moto.server, uvicorn, starlette, python_multipart, nacl.signing" 2>/dev/null; then
     "$VENV/bin/pip" install -q --upgrade pip
     # timm needs torchvision; on x86_64 these two releases work together (the CPU-only torch 2.13.0 wheel
     # breaks torchvision's import). On aarch64, torch 2.9.1 + torchvision 0.24.1 is the pair known to work.
@@ -52,10 +52,10 @@ if ! "$VENV/bin/python" -c "import mist.cloud, mist.device, mist.kit, mist.ship,
         TORCH_INDEX=(--index-url "${MIST_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
                      --extra-index-url https://pypi.org/simple)
     fi
-    echo "setup: installing $TORCH${MIST_TORCH:+ ($MIST_TORCH build)} and mist[cloud,test,bench,plots,s3,serve]" \
+    echo "setup: installing $TORCH${MIST_TORCH:+ ($MIST_TORCH build)} and mist[cloud,test,bench,plots,s3,serve,sign]" \
          "(several GB the first time)"
     # shellcheck disable=SC2086
     "$VENV/bin/pip" install -q ${TORCH_INDEX[@]+"${TORCH_INDEX[@]}"} $TORCH
-    "$VENV/bin/pip" install -q -e '.[cloud,test,bench,plots,s3,serve]'
+    "$VENV/bin/pip" install -q -e '.[cloud,test,bench,plots,s3,serve,sign]'
 fi
 echo "setup: ready ($VENV)"

@@ -29,16 +29,18 @@ class Result:
     stderr: str
 
 
-def run_cli(program: str, *args: Any, timeout: float = 120, shell_tail: str | None = None) -> Result:
+def run_cli(program: str, *args: Any, timeout: float = 120, shell_tail: str | None = None,
+            env: dict[str, str] | None = None) -> Result:
     """``python -m mist.device|mist.cloud ARGS`` as a subprocess; with ``shell_tail`` (e.g. '| head -1') through
-    bash with pipefail, so the status is the CLI's own."""
+    bash with pipefail, so the status is the CLI's own. ``env`` adds variables."""
     command = [sys.executable, "-m", f"mist.{program}", *map(str, args)]
+    environment = {**ENV, **(env or {})}
     if shell_tail:
         line = " ".join(_quote(c) for c in command) + " " + shell_tail
-        done = subprocess.run(["bash", "-o", "pipefail", "-c", line], capture_output=True, env=ENV,
+        done = subprocess.run(["bash", "-o", "pipefail", "-c", line], capture_output=True, env=environment,
                               timeout=timeout)
     else:
-        done = subprocess.run(command, capture_output=True, env=ENV, timeout=timeout)
+        done = subprocess.run(command, capture_output=True, env=environment, timeout=timeout)
     return Result(done.returncode, done.stdout.decode("utf-8", "replace"), done.stderr.decode("utf-8", "replace"))
 
 
