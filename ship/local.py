@@ -13,6 +13,7 @@ from pathlib import Path
 
 from mist.formats.atomic import TMP_SUFFIX, atomic_write_bytes, fsync_dir
 from mist.formats.manifest import MANIFEST_NAME
+from mist.formats.safetensors_check import open_regular
 from mist.kit.text import format_bytes
 
 from .store import CHUNK, ShipError
@@ -35,7 +36,8 @@ class LocalStore:
     def read_small(self, name: str) -> bytes | None:
         path = self.root / name
         try:
-            return path.read_bytes()
+            with open_regular(path) as f:  # a FIFO would block, a device never end
+                return f.read()
         except FileNotFoundError:
             return None
         except OSError as e:
@@ -43,7 +45,9 @@ class LocalStore:
 
     def sizes(self) -> dict[str, int]:
         try:
-            return {p.name: p.stat().st_size for p in self.root.iterdir() if p.is_file()}
+            # Every entry but folders: a FIFO or a device listed as a shard must reach the read, which refuses it
+            # by name (open_regular), rather than look "missing".
+            return {p.name: p.stat().st_size for p in self.root.iterdir() if not p.is_dir()}
         except FileNotFoundError:
             return {}
         except OSError as e:
@@ -52,7 +56,7 @@ class LocalStore:
     def chunks(self, name: str, size: int = CHUNK) -> Iterator[bytes]:
         path = self.root / name
         try:
-            with open(path, "rb") as f:
+            with open_regular(path) as f:
                 while block := f.read(size):
                     yield block
         except OSError as e:

@@ -28,7 +28,7 @@ def test_base_install_runs_device_cli_without_torch(tmp_path):
                             capture_output=True, text=True, check=True).stdout.lower()
     installed = {line.split("==")[0] for line in listed.splitlines()}
     assert {"numpy", "click", "safetensors", "mist-tuning"} <= installed
-    assert not installed & {"torch", "timm", "torchvision", "pillow"}, installed
+    assert not installed & {"torch", "timm", "torchvision", "pillow", "pynacl", "cffi"}, installed
 
     feature_set = write_digits_set(tmp_path / "set", slice(0, 300))
     info = subprocess.run([str(venv / "bin" / "mist-device"), "info", str(feature_set)],
@@ -38,3 +38,20 @@ def test_base_install_runs_device_cli_without_torch(tmp_path):
     verify = subprocess.run([str(venv / "bin" / "mist-device"), "verify", str(feature_set)],
                             capture_output=True, text=True)
     assert verify.returncode == 0 and "checksums match" in verify.stdout
+
+    # signatures are the [sign] extra: a signed set still verifies here under the default policy (unchecked, and
+    # said so); asked to check it, the device names the extra instead of a traceback
+    pytest.importorskip("nacl.signing")
+    from mist.formats.signing import generate_key, write_key_pair
+    from mist.formats.writer import sign_feature_set
+
+    key = generate_key("test")
+    write_key_pair(tmp_path / "k", key)
+    sign_feature_set(feature_set, key)
+    warned = subprocess.run([str(venv / "bin" / "mist-device"), "verify", str(feature_set)],
+                            capture_output=True, text=True)
+    assert warned.returncode == 0 and "the signature was not checked" in warned.stderr
+    checked = subprocess.run([str(venv / "bin" / "mist-device"), "verify", str(feature_set), "--trusted-key",
+                              str(tmp_path / "k.pub")], capture_output=True, text=True)
+    assert checked.returncode == 1 and "pip install 'mist-tuning[sign]'" in checked.stderr
+    assert "Traceback" not in checked.stderr and len(checked.stderr.strip().splitlines()) == 1

@@ -97,7 +97,10 @@ def test_a_server_with_another_layout_is_refused(vit, tmp_path):
     for field, change in (("gather.groups", lambda layout: layout["gather"].update(groups=[[6]])),
                           ("backbone.weights_sha256",
                            lambda layout: layout["backbone"].update(weights_sha256="0" * 64)),
-                          ("data_config", lambda layout: layout["data_config"].update(input_size=[3, 224, 224]))):
+                          # the innermost field is named, not 'data_config' with its text cut off before it
+                          ("data_config.input_size",
+                           lambda layout: layout["data_config"].update(input_size=[3, 224, 224])),
+                          ("data_config.crop_pct", lambda layout: layout["data_config"].update(crop_pct=0.5))):
         other = load_checkpoint(vit["ckpt"])
         change(other.feature_set["layout"])
         path = tmp_path / f"{field}.safetensors"
@@ -117,6 +120,16 @@ def test_a_server_with_another_layout_is_refused(vit, tmp_path):
     result = cli("mist.device", "predict", str(vit["ckpt"]), "--server", f"http://127.0.0.1:{free_port()}", image,
                  check=False)
     assert result.returncode == 1 and "cannot reach the server" in result.stderr
+
+
+def urllib_get(url: str) -> bytes:
+    import ssl
+    import urllib.request
+
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with urllib.request.urlopen(url, context=context, timeout=10) as response:
+        return response.read()
 
 
 def free_port() -> int:
@@ -145,6 +158,20 @@ def test_tls_with_a_self_signed_certificate(vit, tmp_path):
         untrusted = cli("mist.device", "predict", str(vit["ckpt"]), "--server", server.url, image,
                         "--token-file", str(token_file), check=False)
         assert untrusted.returncode == 1 and "certificate" in untrusted.stderr, untrusted.stderr
+        # a pinned certificate: serve prints its pin; the device needs no CA then, and refuses any other one
+        pin = server.log.read_text().split("TLS certificate ", 1)[1].split()[0]
+        fingerprint = subprocess.run(["openssl", "x509", "-in", str(cert), "-noout", "-fingerprint", "-sha256"],
+                                     capture_output=True, text=True, check=True).stdout.split("=", 1)[1].strip()
+        assert pin == "sha256:" + fingerprint.replace(":", "").lower()
+        for given in (pin, fingerprint):  # as serve prints it, or as openssl does
+            pinned = cli("mist.device", "predict", str(vit["ckpt"]), "--server", server.url, image,
+                         "--server-pin", given, "--token-file", str(token_file), "--json")
+            assert json.loads(pinned.stdout) == json.loads(ok.stdout)
+        forwards = json.loads(urllib_get(server.url + "/healthz"))["forwards"]
+        wrong = cli("mist.device", "predict", str(vit["ckpt"]), "--server", server.url, image,
+                    "--server-pin", "sha256:" + "0" * 64, "--token-file", str(token_file), check=False)
+        assert wrong.returncode == 1 and "is not a pinned one" in wrong.stderr, wrong.stderr
+        assert json.loads(urllib_get(server.url + "/healthz"))["forwards"] == forwards
     finally:
         server.stop()
     bad = cli("mist.cloud", "serve", *VIT_ARGS, "--tls-cert", str(cert), check=False)

@@ -354,15 +354,17 @@ def test_full_and_read_only_destinations_fail_cleanly(endpoint, tmp_path):
     finally:
         _umount(full)
 
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    why = _mount("-t", "tmpfs", "-o", "size=16m,ro", "tmpfs", str(ro))
-    if why:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {why}")
-    try:
-        one_line_failure(cli("mist-device", "pull", source, ro / "set"), str(ro / "set"), "Read-only file system")
-    finally:
-        _umount(ro)
+    # read-only, roomy or also too small for the set: either way the one line says read-only, not "free"
+    for size in ("16m", "64k"):
+        ro = tmp_path / f"ro-{size}"
+        ro.mkdir()
+        why = _mount("-t", "tmpfs", "-o", f"size={size},ro", "tmpfs", str(ro))
+        if why:
+            pytest.skip(f"cannot mount a read-only tmpfs here: {why}")
+        try:
+            one_line_failure(cli("mist-device", "pull", source, ro / "set"), str(ro / "set"), "Read-only file system")
+        finally:
+            _umount(ro)
 
 
 # ---- the rules, without a server ----------------------------------------------------------------------------
