@@ -150,7 +150,7 @@ def _weights_choice(pretrained: bool, weights: str | None, random_init: bool) ->
 @click.option("--autocast", type=click.Choice(["auto", "off", "bf16", "fp16"]), default="auto",
               help="Forward in bf16/fp16 autocast (sums stay fp32). auto: bf16 for ViTs on CUDA, else off; "
                    "recorded in the manifest when on.")
-@ship_trust.sign_key_option("the feature set's manifest")
+@ship_trust.sign_key_option("extract", "the feature set's manifest")
 @memory_option
 def extract(model: str, pretrained: bool, weights: str | None, random_init: bool, data: str, split: str,
             out: str, groups: str, scale: str, dtype: str, batch_size: int, workers: int, threads: int | None,
@@ -185,7 +185,7 @@ def extract(model: str, pretrained: bool, weights: str | None, random_init: bool
 @click.option("--shard-rows", type=click.IntRange(1), default=None,
               help="Rows per shard of the new set. Default: the source set's.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing set at --out instead of resuming it.")
-@ship_trust.sign_key_option("the new set's manifest")
+@ship_trust.sign_key_option("convert", "the new set's manifest")
 def convert(feature_set: str, dtype: str, out: str, shard_rows: int | None, overwrite: bool, sign_key) -> None:
     """Re-encode FEATURE_SET in another storage dtype into --out, without the backbone.
 

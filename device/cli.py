@@ -92,7 +92,7 @@ def _groups_text(groups: list[list[int]]) -> str:
 @ship_commands.PROGRESS
 @ship_commands.JSON
 @click.option("--deep", is_flag=True, help="Also read every feature: refuse NaN or inf, count labelled rows.")
-@ship_trust.trust_options
+@ship_trust.trust_options("verify")
 def verify(feature_set: str, endpoint_url: str | None, progress: str, as_json: bool, deep: bool) -> None:
     """Check a feature set's manifest, every shard header and every shard checksum.
 

@@ -45,7 +45,7 @@ def _pins(ctx: click.Context, values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the shards.")
 @progress_option
 @memory_option
-@trust_options
+@trust_options("evaluate")
 @threads_option
 def evaluate(adaptor: str, test_set: str, as_json: bool, batch_size: int, no_verify: bool, progress: str) -> None:
     """Accuracy, per-class accuracy and confusion matrix of ADAPTOR (a run dir or checkpoint) on TEST_SET.
@@ -106,7 +106,7 @@ def evaluate(adaptor: str, test_set: str, as_json: bool, batch_size: int, no_ver
                    "certificate beside the old one.")
 @progress_option
 @memory_option
-@trust_options
+@trust_options("predict")
 @threads_option
 def predict(adaptor: str, feature_set: tuple[str, ...], top_k: int, fmt: str, as_json: bool, output: str | None,
             batch_size: int, no_verify: bool, server: str | None, token_file: str | None,
@@ -156,7 +156,7 @@ def predict(adaptor: str, feature_set: tuple[str, ...], top_k: int, fmt: str, as
 @click.command(cls=SectionedCommand)
 @click.argument("adaptor", type=click.Path(exists=True))
 @click.argument("out", type=click.Path(dir_okay=False))
-@sign_key_option("the exported adaptor")
+@sign_key_option("export", "the exported adaptor")
 def export(adaptor: str, out: str, sign_key) -> None:
     """Write ADAPTOR's weights and metadata only (no optimizer state) to OUT, for inference, with a digest of
     every tensor and of the metadata; with --sign-key, signed."""
@@ -195,7 +195,7 @@ The PNG files need matplotlib: pip install 'mist-tuning[plots]'. Without it the 
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the shards.")
 @progress_option
 @memory_option
-@trust_options
+@trust_options("report")
 @threads_option
 def report(run_dir: str, test_set: str | None, out_dir: str | None, batch_size: int, no_verify: bool,
            progress: str) -> None:

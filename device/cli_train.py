@@ -73,7 +73,7 @@ from .cli_options import KIND_CHOICE, open_set, progress_option, threads_option
               help="Stop training a model (the adaptor, or each one of a search) after N epochs without a better "
                    "validation accuracy.")
 @memory_option
-@trust_options
+@trust_options("train")
 @threads_option
 def train(train_set: str, run_dir: str, val_set: str | None, val_split: float, rank: int, heads: int,
           blocks_per_group: int, pool: str, input_scale: float, epochs: int, batch_size: int, lr: float,

@@ -113,7 +113,7 @@ Examples:
               help="Cap the copy at this many MiB/s (a shared link).")
 @PROGRESS
 @JSON
-@trust_options
+@trust_options("pull")
 def pull(source: str, destination: str, endpoint_url: str | None, overwrite: bool, max_rate: float | None,
          progress: str, as_json: bool) -> None:
     """Copy the feature set at SOURCE to DESTINATION, verified, resumable, manifest last.

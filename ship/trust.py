@@ -4,10 +4,12 @@
 Like ``commands.py`` this module imports only click and the kit at load time, so ``--threads`` can still set the
 BLAS thread count before NumPy loads; keys are read inside the commands and callbacks.
 
-- ``--signatures require|when-present|off`` (``$MIST_SIGNATURES``, default ``when-present``) and
-  ``--trusted-key FILE|DIR`` (repeatable; ``$MIST_TRUSTED_KEYS``, paths separated by ``:``) on ``verify``, ``pull``,
-  ``train``, ``evaluate``, ``predict`` and ``report``: ``current_trust()`` turns them into a ``Trust``;
-- ``--sign-key FILE`` (``$MIST_SIGN_KEY``) on ``extract``, ``convert`` and ``export``: sign what they write;
+- ``--signatures require|when-present|off`` (default ``when-present``) and ``--trusted-key FILE|DIR``
+  (repeatable) on ``verify``, ``pull``, ``train``, ``evaluate``, ``predict`` and ``report``: ``current_trust()``
+  turns them into a ``Trust``. Each reads ``MIST_<COMMAND>_<OPTION>``, else ``$MIST_SIGNATURES`` and
+  ``$MIST_TRUSTED_KEYS`` (paths separated by ``:``), which a whole device sets once;
+- ``--sign-key FILE`` (``MIST_<COMMAND>_SIGN_KEY``, else ``$MIST_SIGN_KEY``) on ``extract``, ``convert`` and
+  ``export``: sign what they write;
 - ``keygen KEY``: a new key pair, ``KEY`` (secret, mode 0600) and ``KEY.pub``;
 - ``sign TARGET --key KEY``: sign a complete feature set (every shard hashed first) or an adaptor file.
 """
@@ -38,18 +40,26 @@ def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> None:
     ctx.meta[_META + param.name] = value
 
 
-def trust_options(f):
-    """``--signatures`` and ``--trusted-key``, read back with ``current_trust()`` inside the command."""
-    f = click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(exists=True),
-                     envvar=KEYS_ENV, callback=_remember, expose_value=False, metavar="FILE|DIR",
-                     help="A public key file (mist-ed25519 lines; `mist-cloud keygen` writes KEY.pub) or a folder "
-                          "of *.pub files to trust; repeat it to trust several keys (rotation). "
-                          f"${KEYS_ENV} takes paths separated by ':'.")(f)
-    return click.option("--signatures", type=LazyChoice(_policies), default="when-present", envvar=POLICY_ENV,
-                        callback=_remember, expose_value=False,
-                        help="require: refuse a feature set or adaptor without a valid signature by a trusted key; "
-                             "when-present: check a signature when there is one (an unsigned file passes, with a "
-                             "warning once keys are trusted); off: do not look.")(f)
+def trust_options(command: str):
+    """``--signatures`` and ``--trusted-key`` for ``command``, read back with ``current_trust()`` inside it. Each
+    reads ``MIST_<COMMAND>_<OPTION>`` like every option, else the variable a whole device shares."""
+    upper = command.upper()
+
+    def add(f):
+        f = click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(exists=True),
+                         envvar=[f"MIST_{upper}_TRUSTED_KEYS", KEYS_ENV], callback=_remember, expose_value=False,
+                         metavar="FILE|DIR",
+                         help="A public key file (mist-ed25519 lines; `keygen` writes KEY.pub) or a folder of *.pub "
+                              "files to trust; repeat it to trust several keys (rotation). The variables take paths "
+                              f"separated by ':'; ${KEYS_ENV} serves every command.")(f)
+        return click.option("--signatures", type=LazyChoice(_policies), default="when-present",
+                            envvar=[f"MIST_{upper}_SIGNATURES", POLICY_ENV], callback=_remember, expose_value=False,
+                            help="require: refuse a feature set or adaptor without a valid signature by a trusted "
+                                 "key; when-present: check a signature when there is one (an unsigned file passes, "
+                                 f"with a warning once keys are trusted); off: do not look. ${POLICY_ENV} serves "
+                                 "every command.")(f)
+
+    return add
 
 
 def current_trust() -> Trust:
@@ -72,10 +82,11 @@ def _read_sign_key(ctx: click.Context, param: click.Parameter, value: str | None
     return read_signing_key(value)  # a bad key fails here, before any work
 
 
-def sign_key_option(what: str):
-    """``--sign-key FILE``: sign ``what`` with this secret key."""
+def sign_key_option(command: str, what: str):
+    """``--sign-key FILE`` for ``command``: sign ``what`` with this secret key."""
     return click.option("--sign-key", type=click.Path(exists=True, dir_okay=False), default=None,
-                        envvar=SIGN_KEY_ENV, callback=_read_sign_key, metavar="KEY",
+                        envvar=[f"MIST_{command.upper()}_SIGN_KEY", SIGN_KEY_ENV], callback=_read_sign_key,
+                        metavar="KEY",
                         help=f"Sign {what} with this secret key (`keygen` makes one; needs mist-tuning[sign]). "
                              "Devices that trust KEY.pub can then refuse anything else.")
 
@@ -102,14 +113,14 @@ Examples:
   mist-cloud sign feats/train --key cloud.key          # every shard is hashed first
   mist-cloud sign adaptor.safetensors --key owner.key""")
 @click.argument("target", type=click.Path(exists=True))
-@click.option("--key", "key_file", type=click.Path(exists=True, dir_okay=False), envvar=SIGN_KEY_ENV, required=True,
-              help="The secret key (`keygen` writes one).")
-def sign(target: str, key_file: str) -> None:
+@click.option("--key", type=click.Path(exists=True, dir_okay=False), envvar=SIGN_KEY_ENV, required=True,
+              metavar="KEY", help=f"The secret key (`keygen` writes one); ${SIGN_KEY_ENV} also serves --sign-key.")
+def sign(target: str, key: str) -> None:
     """Sign TARGET in place: a complete feature-set folder (its manifest, once every shard header and checksum
     is checked) or an adaptor checkpoint (once its digests are checked). A new signature replaces an old one."""
     from mist.formats.signing import read_signing_key
 
-    key = read_signing_key(key_file)
+    key = read_signing_key(key)
     path = Path(target)
     if path.is_dir():
         from mist.formats.writer import sign_feature_set
