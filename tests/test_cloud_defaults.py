@@ -68,7 +68,7 @@ def test_crop_and_interpolation_overrides_are_recorded_and_kept_apart(data: Path
     assert own.manifest.data_config["crop_pct"] != 1.0
     # Other pixels went in, so other features came out, and the device will not mix the two sets.
     assert not np.allclose(own.read(np.arange(len(own))), full.read(np.arange(len(full))))
-    with pytest.raises(FormatError, match="'data_config' differs"):
+    with pytest.raises(FormatError, match="'data_config.crop_mode' differs"):
         check_compatible(own.manifest, full.manifest)
     bad = extract(*common, "--out", str(tmp_path / "bad"), "--crop-pct", "1.5")
     assert bad.exit_code == 1 and "--crop-pct must lie in (0, 1]" in bad.output

@@ -176,7 +176,8 @@ def test_flipped_weight_is_refused_on_every_load(signed, tmp_path):
     raw = flipped.reshape(-1).view(np.uint8)
     raw[3] ^= 0x01  # one bit of one finite weight: still finite, still plausible
     assert np.all(np.isfinite(flipped))
-    forged = forge_tensors(path, tmp_path / "flipped.safetensors", **{name.replace(".", "__"): flipped})
+    forged = forge_tensors(path, tmp_path / "flipped.safetensors", sealed=False,
+                           **{name.replace(".", "__"): flipped})
     with pytest.raises(FormatError, match="does not match its digest"):
         load_checkpoint(forged)
     for command in (["evaluate", forged, signed["test"]], ["predict", forged, signed["test"]],
@@ -186,9 +187,16 @@ def test_flipped_weight_is_refused_on_every_load(signed, tmp_path):
     # metadata edited (another class order) is caught too, by the metadata digest
     from hostile import forge_checkpoint
 
-    renamed = forge_checkpoint(path, tmp_path / "renamed.safetensors", classes=[str(9 - i) for i in range(10)])
+    renamed = forge_checkpoint(path, tmp_path / "renamed.safetensors", sealed=False,
+                               classes=[str(9 - i) for i in range(10)])
     assert_one_line_error(run_cli("device", "evaluate", renamed, signed["test"]), 1,
                           "metadata does not match its digest")
+    # a forger who recomputes the digests too gets past them; a signature is what stops that one
+    resealed = forge_tensors(signed["root"] / "owner.safetensors", tmp_path / "resealed.safetensors",
+                             **{name.replace(".", "__"): flipped})
+    ok(run_cli("device", "evaluate", resealed, signed["test"], "--signatures", "off"))
+    assert_one_line_error(run_cli("device", "evaluate", resealed, signed["test"], *require(signed)), 1,
+                          "does not match the adaptor (modified after it was signed)")
 
 
 def test_signature_survives_pull_byte_for_byte(signed, tmp_path):
