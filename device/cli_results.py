@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -152,70 +151,122 @@ def export(adaptor: str, out: str) -> None:
 # ---- report -----------------------------------------------------------------------------------------------
 
 
-@click.command(cls=SectionedCommand, short_help="Training curves, confusion matrix and per-class table of a run.",
+@click.command(cls=SectionedCommand, short_help="Curves, search chart, confusion matrix and per-class table of a run.",
               epilog="""\b
 Examples:
   mist-device report run feats/test             # curves.png, confusion.png, report.json in run/report
+  mist-device report auto-run feats/test        # a search: also search.png, every configuration's accuracy
   mist-device report run                        # the training curves only
-  mist-device report run feats/test --out plots
+  mist-device report run feats/test --out plots --overwrite
 
 The PNG files need matplotlib: pip install 'mist-tuning[plots]'. Without it the table is still printed.""")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False), metavar="RUN_DIR")
 @click.argument("test_set", type=click.Path(exists=True, file_okay=False), required=False, metavar="[TEST_SET]")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
-              show_default="RUN_DIR/report", help="Where curves.png, confusion.png and report.json go.")
+              show_default="RUN_DIR/report", help="Where curves.png, search.png, confusion.png and report.json go.")
+@click.option("--overwrite", is_flag=True, help="Replace report files already in the --out folder.")
 @click.option("--batch-size", type=click.IntRange(1), default=128, help="Rows per forward pass.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the shards.")
 @progress_option
+@memory_option
 @threads_option
-def report(run_dir: str, test_set: str | None, out_dir: str | None, batch_size: int, no_verify: bool,
-           progress: str) -> None:
-    """Plot RUN_DIR's training curves (loss, accuracy, lr) and, on TEST_SET, its confusion matrix; print a
-    per-class precision/recall/F1 table. The adaptor is RUN_DIR's best checkpoint (else its last)."""
-    import numpy as np
+def report(run_dir: str, test_set: str | None, out_dir: str | None, overwrite: bool, batch_size: int,
+           no_verify: bool, progress: str) -> None:
+    """Report on RUN_DIR, any run of `mist-device train`: a plain run, --model probe|auto, or --grid.
 
+    Draws the chosen model's training curves (loss, accuracy, lr; the kept epoch marked), for a search every
+    configuration's validation accuracy, and on TEST_SET the chosen model's confusion matrix; prints a
+    per-class precision/recall/F1 table. The model is RUN_DIR's best.safetensors (else its last).
+    """
     from . import report as rep
 
     run_path = Path(run_dir)
-    epochs = rep.read_epochs(run_path)
+    record = rep.read_run(run_path)
     out = Path(out_dir) if out_dir else run_path / "report"
     plots = rep.have_matplotlib()
+    planned = [rep.TABLE] + [name for name, wanted in ((rep.CURVES, record.epochs), (rep.SEARCH, record.search),
+                                                         (rep.CONFUSION, test_set)) if plots and wanted]
+    present = [out / name for name in planned if (out / name).exists()]
+    if present and not overwrite:
+        raise click.UsageError(f"{present[0]} already exists; pass --overwrite to replace the report, "
+                               "or --out another folder")
     if not plots:
         click.echo(f"plots skipped: matplotlib is not installed ({rep.PLOTS_HINT} to get them)", err=True)
+    name = terminal_text(run_path.resolve().name)
+    for line in _run_summary(record):
+        click.echo(terminal_text(line))
+    out.mkdir(parents=True, exist_ok=True)
     written = []
-    if plots:
-        out.mkdir(parents=True, exist_ok=True)
-        written.append(rep.plot_curves(epochs, out / rep.CURVES, f"{run_path.resolve().name}: {len(epochs)} epochs"))
-    last = epochs[-1]
-    click.echo(f"{len(epochs)} epochs: train loss {last['train_loss']:.4f}, train acc {last['train_acc']:.3f}"
-               + (f", val acc {last['val_acc']:.3f} (best {max(r.get('val_acc', 0) for r in epochs):.3f})"
-                  if "val_acc" in last else ""))
+    if plots and record.search:
+        title = f"{name}: {len(record.search['members'])} configurations, chosen {record.chosen}"
+        written.append(rep.plot_search(record.search, out / rep.SEARCH, title))
+    if plots and record.epochs:
+        whose = "" if record.kind == "plain" else f" of {record.curves_of}"
+        if record.kind == "search" and record.curves_of != record.chosen:
+            whose += f" (the best adaptor trained by epochs; the chosen {record.chosen} was fitted once)"
+        written.append(rep.plot_curves(record, out / rep.CURVES, f"{name}: training curves{whose}, "
+                                                                f"{len(record.epochs)} epochs"))
+    body = {"run_dir": run_dir, "kind": record.kind, "chosen": record.chosen, "curves_of": record.curves_of,
+            "kept_epoch": record.kept_epoch, "kept_rule": record.kept_rule, "epochs": record.epochs,
+            **({"search": record.search} if record.search else {})}
     if test_set is not None:
-        from .evaluation import evaluate_by_name
-        from .progress import rows_progress
-
-        ckpt, model, path = load_adaptor(run_dir)
-        fs = open_set(test_set, verify=not no_verify)
-        check_set_against(ckpt, path, fs, classes=False)
-        bar = rows_progress(int((fs.labels >= 0).sum()), progress, "evaluating", log=lambda m: click.echo(m, err=True))
-        result = evaluate_by_name(model, ckpt.classes, fs, batch_size=batch_size, progress=bar)
-        confusion = np.array(result["confusion"])
-        table = rep.classification_table(confusion, ckpt.classes)
-        click.echo(f"on {test_set} ({result['rows']} rows, {path.name}):")
-        click.echo(rep.format_table(table))
-        out.mkdir(parents=True, exist_ok=True)
-        from mist.formats.atomic import atomic_write_bytes
-
-        body = {"run_dir": run_dir, "checkpoint": str(path), "test_set": test_set, "epochs": epochs,
-                "confusion": result["confusion"], "classes": ckpt.classes, "table": table}
-        atomic_write_bytes(out / rep.TABLE, (json.dumps(body, indent=1) + "\n").encode())
-        written.append(out / rep.TABLE)
+        table, confusion, classes, path = _score(run_dir, test_set, batch_size, no_verify, progress)
+        click.echo(f"{record.chosen} on {test_set} ({confusion.sum()} rows, {path.name}):")
+        click.echo("\n".join(terminal_text(line) for line in rep.format_table(table).split("\n")))
+        body.update(checkpoint=str(path), test_set=test_set, confusion=confusion.tolist(), classes=classes,
+                    table=table)
         if plots:
-            title = f"{path.name} on {Path(test_set).name}: accuracy {table['accuracy']:.3f}"
-            written.append(rep.plot_confusion(confusion, ckpt.classes, out / rep.CONFUSION, title))
+            title = f"{record.chosen} ({path.name}) on {Path(test_set).name}: accuracy {table['accuracy']:.3f}"
+            written.append(rep.plot_confusion(confusion, classes, out / rep.CONFUSION, title))
     else:
         click.echo("pass TEST_SET for the confusion matrix and the per-class precision/recall/F1 table")
+    from mist.formats.atomic import atomic_write_bytes
+
+    atomic_write_bytes(out / rep.TABLE, (json_text(body, indent=1) + "\n").encode())
+    written.append(out / rep.TABLE)
     for p in written:
-        click.echo(f"wrote {p}")
+        click.echo(terminal_text(f"wrote {p}"))
 
 
+def _run_summary(record) -> list[str]:
+    """What the run was and what it kept, in a line or two."""
+    lines = []
+    if record.search:
+        members = record.search["members"]
+        kinds = {}
+        for m in members:
+            kinds[str(m.get("kind"))] = kinds.get(str(m.get("kind")), 0) + 1
+        counted = ", ".join(f"{k}: {n}" for k, n in kinds.items())
+        lines.append(f"search of {len(members)} configurations ({counted}) on {record.search.get('val_rows', '?')} "
+                     f"validation rows; chosen {record.chosen}: {record.search.get('reason', '')}")
+    if record.epochs:
+        last = record.epochs[-1]
+        whose = "" if record.kind == "plain" else f"{record.curves_of}: "
+        val = f", val acc {last['val_acc']:.3f}" if "val_acc" in last else ""
+        lines.append(f"{whose}{len(record.epochs)} epochs, last: train loss {last['train_loss']:.4f}, train acc "
+                     f"{last['train_acc']:.3f}{val}; kept epoch {record.kept_epoch} ({record.kept_rule})")
+        if record.curves_of != record.chosen and record.kind == "search":
+            lines.append(f"curves: {record.curves_of}, the best model trained by epochs ({record.chosen} was "
+                         "fitted once and has none)")
+    elif record.search:
+        lines.append("no curves: every model of this search was fitted once")
+    return lines
+
+
+def _score(run_dir: str, test_set: str, batch_size: int, no_verify: bool, progress: str):
+    """The chosen model on TEST_SET: (per-class table, confusion matrix, classes, checkpoint path)."""
+    import numpy as np
+
+    from . import report as rep
+    from .evaluation import evaluate_by_name
+    from .progress import rows_progress
+
+    ckpt, model, path = load_adaptor(run_dir)
+    fs = open_set(test_set, verify=not no_verify)
+    check_set_against(ckpt, path, fs, classes=False)
+    rows = int((fs.labels >= 0).sum())
+    require_inference_memory(model, batch_size, rows)
+    bar = rows_progress(rows, progress, "evaluating", log=lambda m: click.echo(m, err=True))
+    result = evaluate_by_name(model, ckpt.classes, fs, batch_size=batch_size, progress=bar)
+    confusion = np.array(result["confusion"])
+    return rep.classification_table(confusion, ckpt.classes), confusion, ckpt.classes, path

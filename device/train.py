@@ -199,14 +199,18 @@ class Trainer:
         improved = self._validate(active, epoch)
         self.state.update(epoch=epoch + 1, batch=0)
         self.state["elapsed"] += time.perf_counter() - t0
-        record = self._record(epoch, lr, images / max(seconds, 1e-9)) if not self.search else None
-        run_state.save(self, record=record, improved=bool(improved))
-        self.log(_epoch_line(record, opts.epochs) if record else _search_line(active, epoch, opts.epochs))
+        if self.search:  # one line per member still training: report draws the chosen one's curves
+            records = [self._member_record(m, epoch) for m in active]
+        else:
+            records = [self._record(epoch, lr, images / max(seconds, 1e-9))]
+        run_state.save(self, records=records, improved=bool(improved))
+        self.log(_search_line(active, epoch, opts.epochs) if self.search else _epoch_line(records[0], opts.epochs))
 
     def _validate(self, active: list[Member], epoch: int) -> list[Member]:
         """Every active member on the validation rows (read once), then its best epoch and patience."""
         fs = self.val_set or self.train_set
         loss_sum = {m.name: 0.0 for m in active}
+        smoothed_sum = {m.name: 0.0 for m in active}
         correct = {m.name: 0 for m in active}
         if len(self.val_rows):
             chunk = eval_chunk_rows(active[0].cfg, 128)
@@ -216,6 +220,9 @@ class Trainer:
                     logits = m.model.forward(batch.input_for(m.model), keep_cache=False)
                     loss, _ = softmax_cross_entropy(logits, batch.labels)
                     loss_sum[m.name] += float(loss) * len(batch)
+                    # The training loss carries label smoothing; the same loss here lets curves compare them.
+                    smoothed, _ = softmax_cross_entropy(logits, batch.labels, m.opts.label_smoothing)
+                    smoothed_sum[m.name] += float(smoothed) * len(batch)
                     correct[m.name] += int(np.sum(logits.argmax(1) == batch.labels))
         improved = []
         n = max(len(self.val_rows), 1)
@@ -226,6 +233,7 @@ class Trainer:
             s["last_train_acc"] = s["correct"] / max(s["seen"], 1)
             if len(self.val_rows):
                 s["last_val_acc"], s["last_val_loss"] = correct[m.name] / n, loss_sum[m.name] / n
+                s["last_val_loss_smoothed"] = smoothed_sum[m.name] / n
                 acc, loss = s["last_val_acc"], s["last_val_loss"]
             else:  # without validation, "best" is the lowest training loss
                 acc, loss = -s["last_train_loss"], s["last_train_loss"]
@@ -254,7 +262,20 @@ class Trainer:
                   "train_acc": s["last_train_acc"], "images_per_s": images_per_s,
                   "gflops": images_per_s * flops_per_image(m.cfg) / 1e9, "elapsed_s": self.state["elapsed"]}
         if len(self.val_rows):
-            record.update(val_loss=s["last_val_loss"], val_acc=s["last_val_acc"])
+            record.update(val_loss=s["last_val_loss"], val_acc=s["last_val_acc"],
+                          val_loss_smoothed=s["last_val_loss_smoothed"])
+        record["run"] = self.state["run"]
+        return record
+
+    def _member_record(self, m: Member, epoch: int) -> dict[str, Any]:
+        """A search's metrics.jsonl line for one member at this epoch (tagged with its name)."""
+        s = m.state
+        record = {"epoch": epoch + 1, "member": m.name, "step": self.state["step"],
+                  "lr": m.recipe.lr_at(self.state["step"] - 1), "train_loss": s["last_train_loss"],
+                  "train_acc": s["last_train_acc"], "elapsed_s": self.state["elapsed"]}
+        if len(self.val_rows):
+            record.update(val_loss=s["last_val_loss"], val_acc=s["last_val_acc"],
+                          val_loss_smoothed=s["last_val_loss_smoothed"])
         record["run"] = self.state["run"]
         return record
 
@@ -271,6 +292,10 @@ def _search_line(active: list[Member], epoch: int, epochs: int) -> str:
         return f"epoch {epoch + 1}/{epochs}"
     leader = max(active, key=lambda m: (m.state["best_val"] or -1.0, -(m.state["best_loss"] or 0.0)))
     if leader.state["best_val"] is None:
-        return f"epoch {epoch + 1}/{epochs}: {len(active)} adaptors trained"
-    return (f"epoch {epoch + 1}/{epochs}: {len(active)} adaptors trained, best so far {leader.name} "
+        return f"epoch {epoch + 1}/{epochs}: {_count(len(active), 'adaptor')} trained"
+    return (f"epoch {epoch + 1}/{epochs}: {_count(len(active), 'adaptor')} trained, best so far {leader.name} "
             f"val_acc {leader.state['best_val']:.3f}")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
