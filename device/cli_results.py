@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from mist.kit.cli import SectionedCommand
+from mist.kit.cli import SectionedCommand, refuse_to_replace
 from mist.kit.flags import memory_option
 from mist.kit.text import json_text, terminal_text
 
@@ -59,9 +59,13 @@ def evaluate(adaptor: str, test_set: str, as_json: bool, batch_size: int, no_ver
     width = max(len(c) for c in shown)
     for c, a in zip(shown, per_class):
         click.echo(f"  {c:<{width}}  " + ("    -  (no test rows)" if a is None else f"{a:.3f}"))
-    click.echo("confusion (rows: true, columns: predicted)")
-    for c, row in zip(shown, confusion):
-        click.echo(f"  {c:<{width}}  " + " ".join(f"{v:5d}" for v in row))
+    # Columns are numbered like the rows (names would make the matrix as wide as the longest name, ten times).
+    number = len(str(len(shown) - 1))
+    cell = max(5, number, *(len(str(v)) for row in confusion for v in row)) if confusion else 5
+    click.echo("confusion (rows: true class, columns: predicted class, numbered as the rows)")
+    click.echo(f"  {'':>{number}} {'':<{width}}  " + " ".join(f"{j:>{cell}}" for j in range(len(shown))))
+    for i, (c, row) in enumerate(zip(shown, confusion)):
+        click.echo(f"  {i:>{number}} {c:<{width}}  " + " ".join(f"{v:>{cell}d}" for v in row))
 
 
 @click.command(cls=SectionedCommand)
@@ -70,13 +74,16 @@ def evaluate(adaptor: str, test_set: str, as_json: bool, batch_size: int, no_ver
 @click.option("--top-k", type=click.IntRange(1), default=1, help="How many classes to list per row.")
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv")
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
-@click.option("--output", type=click.Path(dir_okay=False), default=None, help="Write here instead of stdout.")
+@click.option("--out", "output", type=click.Path(dir_okay=False), default=None,
+              help="Write the predictions to this file instead of stdout.")
+@click.option("--overwrite", is_flag=True, help="Replace the --out file if it exists.")
 @click.option("--batch-size", type=click.IntRange(1), default=128,
               help="Rows per forward pass, capped so each pass holds at most 16 MB of float32 features "
                    "(27 rows at ViT-B/16's k=1, T=197, d=768): memory stays bounded at any value.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the shards.")
 @click.option("--server", default=None,
-              help="A `mist-cloud serve` URL: classify the IMAGE files, the backbone running there (docs/serve.md).")
+              help="A `mist-cloud serve` URL: classify the IMAGE files, the backbone running there (README: "
+                   "\"Classifying new images\").")
 @click.option("--token-file", type=click.Path(dir_okay=False), default=None,
               help="With --server: file holding its bearer token. Default: $MIST_SERVE_TOKEN.")
 @click.option("--ca-cert", type=click.Path(dir_okay=False), default=None,
@@ -85,7 +92,7 @@ def evaluate(adaptor: str, test_set: str, as_json: bool, batch_size: int, no_ver
 @memory_option
 @threads_option
 def predict(adaptor: str, feature_set: tuple[str, ...], top_k: int, fmt: str, as_json: bool, output: str | None,
-            batch_size: int, no_verify: bool, server: str | None, token_file: str | None,
+            overwrite: bool, batch_size: int, no_verify: bool, server: str | None, token_file: str | None,
             ca_cert: str | None, progress: str) -> None:
     """Predict a class for every row of FEATURE_SET (labelled or not) with ADAPTOR.
 
@@ -97,6 +104,8 @@ def predict(adaptor: str, feature_set: tuple[str, ...], top_k: int, fmt: str, as
     from .evaluation import evaluate_rows
 
     fmt = "json" if as_json else fmt
+    if output is not None:
+        refuse_to_replace(output, overwrite)
     ckpt, model, path = load_adaptor(adaptor)
     if server is not None:
         from . import remote
@@ -130,14 +139,22 @@ def predict(adaptor: str, feature_set: tuple[str, ...], top_k: int, fmt: str, as
 
 @click.command(cls=SectionedCommand)
 @click.argument("adaptor", type=click.Path(exists=True))
-@click.argument("out", type=click.Path(dir_okay=False))
-def export(adaptor: str, out: str) -> None:
-    """Write ADAPTOR's weights and metadata only (no optimizer state) to OUT, for inference."""
+@click.argument("old_out", required=False, metavar="", expose_value=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="The checkpoint file to write (required).")
+@click.option("--overwrite", is_flag=True, help="Replace the --out file if it exists.")
+def export(adaptor: str, old_out: str | None, out: str | None, overwrite: bool) -> None:
+    """Write ADAPTOR's weights and metadata only (no optimizer state) to --out, for inference."""
     from mist.formats import Checkpoint, save_checkpoint
 
+    if old_out is not None:  # the form before one output-flag convention: say the new one, never guess
+        raise click.UsageError(f"the output file goes with --out: mist-device export {adaptor} --out {old_out}")
+    if out is None:
+        raise click.UsageError("Missing option '--out' (the checkpoint file to write)")
     ckpt, _, path = load_adaptor(adaptor)
     if Path(out).resolve() == path.resolve():
         raise click.UsageError(f"{out} is the checkpoint being exported; choose another output file")
+    refuse_to_replace(out, overwrite)
     from mist.formats.checkpoint import inference_record
 
     slim = Checkpoint(params=ckpt.params, config=ckpt.config, classes=ckpt.classes,

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from mist.formats import FeatureSet
+from mist.kit.text import counted
 
 from . import run_state
 from .data import batches, needs_of, read_rows, split_rows
@@ -87,7 +88,12 @@ class Trainer:
             raise TrainingError(f"{train_set.directory}: no labelled rows to train on")
         specs = {"lae-defaults": (cfg, opts)} if members is None else members
         if len(self.val_rows) == 0 and len(specs) + len(fitted) > 1:
-            raise TrainingError("choosing among several models needs validation rows: pass --val-split or --val")
+            raise TrainingError("choosing among several models needs validation rows: "
+                                + (_empty_split(train_set.labels, opts.val_split) if opts.val_split > 0 and
+                                   val_set is None else "pass --val-split or --val"))
+        if len(self.val_rows) == 0 and opts.val_split > 0 and val_set is None:
+            log(f"warning: {_empty_split(train_set.labels, opts.val_split)}; without validation the kept "
+                "epoch is the one with the lowest training loss")
         self.steps_per_epoch = math.ceil(len(self.train_rows) / opts.batch_size)
         self.total_steps = self.steps_per_epoch * opts.epochs
         self.warmup_steps, self.warmup_warning = warmup_steps(opts.warmup_epochs, opts.warmup_fraction,
@@ -292,10 +298,14 @@ def _search_line(active: list[Member], epoch: int, epochs: int) -> str:
         return f"epoch {epoch + 1}/{epochs}"
     leader = max(active, key=lambda m: (m.state["best_val"] or -1.0, -(m.state["best_loss"] or 0.0)))
     if leader.state["best_val"] is None:
-        return f"epoch {epoch + 1}/{epochs}: {_count(len(active), 'adaptor')} trained"
-    return (f"epoch {epoch + 1}/{epochs}: {_count(len(active), 'adaptor')} trained, best so far {leader.name} "
+        return f"epoch {epoch + 1}/{epochs}: {counted(len(active), 'adaptor')} trained"
+    return (f"epoch {epoch + 1}/{epochs}: {counted(len(active), 'adaptor')} trained, best so far {leader.name} "
             f"val_acc {leader.state['best_val']:.3f}")
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
+def _empty_split(labels: np.ndarray, val_split: float) -> str:
+    """Why --val-split held out nothing: every class is too small for the fraction to round to one row."""
+    largest = int(np.bincount(labels[labels >= 0]).max()) if np.any(labels >= 0) else 0
+    return (f"--val-split {val_split:g} holds out no rows: the largest class has {largest} labelled "
+            f"row{'' if largest == 1 else 's'}, and {val_split:g} of {largest} rounds to 0 rows per class; "
+            f"pass a --val-split above {0.5 / max(largest, 1):.2g}, or --val FEATURE_SET")
