@@ -158,9 +158,8 @@ def extract(model: str, pretrained: bool, weights: str | None, random_init: bool
             overwrite: bool, device: str, progress: str, autocast: str) -> None:
     """Extract Gather* features of --data through --model into the feature set --out.
 
-    Rerunning the same command after an interruption resumes after the last whole shard. Under
-    `torchrun --nproc-per-node N -m mist.cloud extract ...` the ranks share the work (README: "Extracting at
-    scale").
+    Rerunning the same command after an interruption resumes after the last whole shard. Under `torchrun
+    --nproc-per-node N -m mist.cloud extract ...` the ranks share the work (README: "Extracting at scale").
     """
     from .extract import ExtractConfig
     from .extract import extract as run
@@ -372,8 +371,7 @@ _SECTIONS = {
         "Model and weights": ["model", "pretrained", "weights", "random_init", "model_kwargs", "img_size"],
         "Images": ["data", "split", "limit", "per_class", "seed", "crop_pct", "crop_mode", "interpolation"],
         "What ships": ["out", "groups", "scale", "pool", "dtype", "shard_rows", "overwrite"],
-        "Speed, progress and resources": ["device", "autocast", "batch_size", "workers", "threads", "progress",
-                                          "max_memory"],
+        "Speed and progress": ["device", "autocast", "batch_size", "workers", "threads", "progress", "max_memory"],
     },
 }
 

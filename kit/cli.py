@@ -105,6 +105,7 @@ def teach(group: click.Group, short_help: dict[str, str], epilogs: dict[str, str
             wanted = envvar_name(name, long_flag(param))
             shared = [] if param.envvar is None else [param.envvar] if isinstance(param.envvar, str) else param.envvar
             param.envvar = [wanted, *(v for v in shared if v != wanted)] if shared else wanted
+            param.allow_from_autoenv = False  # else click falls back to the Python name after the documented one
             param.show_envvar = True
             if param.name in metavars and not param.is_flag:
                 param.metavar = metavars[param.name]
