@@ -389,8 +389,8 @@ Start here:
 Then copy feats/ to the device: mist-device train feats/train --out run.
 
 \b
-Every option also reads an environment variable, MIST_<COMMAND>_<OPTION>, e.g. MIST_EXTRACT_DEVICE=cuda
-(each command's --help names them).
+Every option also reads an environment variable, MIST_<COMMAND>_<OPTION>, the
+flag in capitals: MIST_EXTRACT_DEVICE=cuda (each --help names them).
 
 """ + completion_help("mist-cloud")
 

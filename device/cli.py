@@ -196,8 +196,10 @@ Start here:
 Run `mist-device COMMAND --help` for a command's options and examples.
 
 \b
-Every option also reads an environment variable, MIST_<COMMAND>_<OPTION>, e.g. MIST_TRAIN_EPOCHS=50
-(each command's --help names them).
+Every option also reads an environment variable, MIST_<COMMAND>_<OPTION>, the
+flag in capitals: MIST_TRAIN_EPOCHS=50, MIST_TRAIN_OUT=run (each --help names
+them). Outputs are --out; sizes take binary units (512M, 2G); nothing is
+replaced without --overwrite.
 
 """ + completion_help("mist-device")
 

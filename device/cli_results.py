@@ -265,6 +265,9 @@ def _run_summary(record) -> list[str]:
         if record.curves_of != record.chosen and record.kind == "search":
             lines.append(f"curves: {record.curves_of}, the best model trained by epochs ({record.chosen} was "
                          "fitted once and has none)")
+    elif record.search and any(m.get("best_epoch") for m in record.search["members"]):
+        lines.append("no curves: metrics.jsonl holds no per-epoch lines of this search's adaptors (a search run "
+                     "by a mist older than its report)")
     elif record.search:
         lines.append("no curves: every model of this search was fitted once")
     return lines

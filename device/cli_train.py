@@ -6,6 +6,7 @@ import click
 
 from mist.kit.cli import SectionedCommand
 from mist.kit.flags import SEED, finite_float, memory_option, require_memory
+from mist.kit.text import counted
 
 from .cli_options import KIND_CHOICE, open_set, progress_option, threads_option
 
@@ -117,7 +118,8 @@ def train(train_set: str, run_dir: str, val_set: str | None, val_split: float, r
     estimate = training_bytes([c for c, _ in members.values()], fitted, min(batch_size, len(train_fs)),
                               len(train_fs), val_rows, train_fs.manifest.row_shape, train_fs.read_dtype.itemsize,
                               search)
-    what = (f"the search ({len(members)} adaptors, {len(fitted)} probes) with --batch-size {batch_size}" if search
+    what = (f"the search ({counted(len(members), 'adaptor')}, {counted(len(fitted), 'probe')}) with --batch-size "
+            f"{batch_size}" if search
             else f"training {cfg.num_blocks} blocks of rank {cfg.rank} with --batch-size {batch_size}")
     require_memory(estimate, what)
     if search:

@@ -75,6 +75,11 @@ def test_evaluate_text_and_json(trained, sets):
     confusion = np.array(report["confusion"])
     assert confusion.sum() == 597
     assert np.trace(confusion) / 597 == pytest.approx(report["accuracy"])
+    # The text matrix numbers its columns as its rows, and each row is that class's counts.
+    lines = text.split("confusion (rows: true class, columns: predicted class, numbered as the rows)\n")[1].splitlines()
+    assert lines[0].split() == [str(j) for j in range(10)]
+    for i, line in enumerate(lines[1:11]):
+        assert [int(v) for v in line.split()[2:]] == confusion[i].tolist() and line.split()[:2] == [str(i), str(i)]
 
 
 def test_predict_matches_evaluate(trained, sets, tmp_path):

@@ -201,3 +201,17 @@ def test_help_points_only_to_what_a_wheel_install_has() -> None:
 def test_the_seed_range_is_readable() -> None:
     assert SEED._describe_range() == "0<=x<2^63"
     assert "9223372036854775807" not in help_text("mist-device", "train")
+
+
+def test_counts_agree_with_their_nouns(made: dict[str, Path], tmp_path: Path) -> None:
+    one = write_digits_set(tmp_path / "one", slice(0, 50), shard_rows=128)
+    info = CliRunner().invoke(device_main, ["info", str(one)]).output
+    assert "50 in 1 shard " in info and "1 shards" not in info
+    verify = CliRunner().invoke(device_main, ["verify", str(one)]).output
+    assert "50 rows, 1 shard," in verify
+    search = CliRunner().invoke(device_main, ["train", str(made["train"]), "--out", str(tmp_path / "g"),
+                                              "--grid", "lr=1e-2", "--val-split", "0.2", "--epochs", "1",
+                                              "--rank", "4", "--heads", "2", "--progress", "none"])
+    assert search.exit_code == 0, search.output
+    assert "1 adaptor and 0 probes" in search.output and "1 adaptor trained" in search.output
+    assert "1 adaptors" not in search.output
