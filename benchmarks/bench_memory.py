@@ -93,7 +93,7 @@ def main() -> None:
             jobs[f"evaluate {sizes[-1]} b{b}"] = device + ["evaluate", adaptor, str(largest), "--batch-size", str(b),
                                                           "--threads", str(args.threads)]
             jobs[f"predict {sizes[-1]} b{b}"] = device + ["predict", adaptor, str(largest), "--batch-size", str(b),
-                                                         "--output", str(work / "predictions.csv"),
+                                                         "--out", str(work / "predictions.csv"),
                                                          "--threads", str(args.threads)]
         peaks: dict[str, list[float]] = {name: [] for name in jobs}
         seconds: dict[str, list[float]] = {name: [] for name in jobs}

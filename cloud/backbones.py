@@ -157,15 +157,57 @@ def _load_packaged(model: nn.Module, pack: PackagedWeights, log: Log) -> str:
 
 
 def _load_hub(name: str, kwargs: dict[str, Any], log: Log) -> tuple[nn.Module, str]:
+    """The timm hub, or only its local cache when HF_HUB_OFFLINE is set or the hub cannot be reached: a
+    machine without network fails in seconds, not after a minute of retries."""
+    from huggingface_hub import constants
+
+    offline = ("HF_HUB_OFFLINE=1 forbids downloading them" if constants.HF_HUB_OFFLINE
+               else _hub_unreachable(constants.ENDPOINT))
+    was = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = was or offline is not None  # read at each call: only the local cache is asked
     try:
         model = _build(name, pretrained=True, kwargs=kwargs)
     except Exception as e:  # the hub raises many types (OSError, HTTP errors, RuntimeError for no weights)
-        raise CloudError(f"could not download pretrained weights for {name} (offline?): "
-                         f"{e.__class__.__name__}; use --weights FILE or --random-init") from None
+        if offline is not None:
+            raise CloudError(f"no pretrained weights for {name} in the local hub cache, and {offline}: pass local "
+                             "weights with --weights FILE (.safetensors/.pth) or use --random-init "
+                             "(tf_efficientnet_lite0 --pretrained needs no network)") from None
+        raise CloudError(f"could not download pretrained weights for {name}: {e.__class__.__name__}; "
+                         "use --weights FILE or --random-init") from None
+    finally:
+        constants.HF_HUB_OFFLINE = was
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     where = cfg.get("hf_hub_id") or cfg.get("url") or "timm"
     log(f"weights: pretrained from the hub, {where}")
     return model, f"hub:{where}"
+
+
+def _hub_unreachable(endpoint: str, timeout: float = 3.0) -> str | None:
+    """Why the hub cannot be reached (a TCP connect to its host within ``timeout`` s), or None. Behind a proxy
+    the library's own connection decides, so no guess is made."""
+    import os
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlsplit(endpoint)
+    result: list[BaseException | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+            result.append(None)
+        except OSError as e:
+            result.append(e)
+
+    probe = threading.Thread(target=connect, daemon=True)  # a slow DNS lookup ignores socket timeouts
+    probe.start()
+    probe.join(timeout)
+    if result and result[0] is None:
+        return None
+    return f"the hub ({url.hostname}) cannot be reached (HF_HUB_OFFLINE=1 skips this check)"
 
 
 def _load_file(model: nn.Module, name: str, path: Path, kwargs: dict[str, Any], log: Log) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from mist.kit.cli import CONTEXT, completion_help, one_line_errors, os_error_message, package_version, teach
-from mist.kit.flags import SEED, LazyChoice, finite_float, memory_flag, memory_limit, memory_option
+from mist.kit.flags import SEED, LazyChoice, Size, finite_float, memory_flag, memory_limit, memory_option
 from mist.kit.progress import MODES
 from mist.ship import commands as ship_commands
 from mist.ship import trust as ship_trust
@@ -65,7 +65,7 @@ def main() -> None:
     """MIST on the cloud: a frozen timm backbone turns images into Gather* summed features.
 
     `mist-cloud info MODEL` lists the layers you can tap; `mist-cloud extract` writes a feature set that
-    `mist-device` trains on. See docs/cloud.md.
+    `mist-device` trains on. The README walks through both sides, end to end.
     """
 
 
@@ -150,7 +150,7 @@ def _weights_choice(pretrained: bool, weights: str | None, random_init: bool) ->
 @click.option("--autocast", type=click.Choice(["auto", "off", "bf16", "fp16"]), default="auto",
               help="Forward in bf16/fp16 autocast (sums stay fp32). auto: bf16 for ViTs on CUDA, else off; "
                    "recorded in the manifest when on.")
-@ship_trust.sign_key_option("extract", "the feature set's manifest")
+@ship_trust.sign_key_option("the feature set's manifest")
 @memory_option
 def extract(model: str, pretrained: bool, weights: str | None, random_init: bool, data: str, split: str,
             out: str, groups: str, scale: str, dtype: str, batch_size: int, workers: int, threads: int | None,
@@ -159,8 +159,8 @@ def extract(model: str, pretrained: bool, weights: str | None, random_init: bool
             model_kwargs: dict | None, overwrite: bool, device: str, progress: str, autocast: str, sign_key) -> None:
     """Extract Gather* features of --data through --model into the feature set --out.
 
-    Rerunning the same command after an interruption resumes after the last whole shard. Under
-    `torchrun --nproc-per-node N -m mist.cloud extract ...` the ranks share the work (docs/cloud.md).
+    Rerunning the same command after an interruption resumes after the last whole shard. Under `torchrun
+    --nproc-per-node N -m mist.cloud extract ...` the ranks share the work (README: "Extracting at scale").
     """
     from .extract import ExtractConfig
     from .extract import extract as run
@@ -185,7 +185,7 @@ def extract(model: str, pretrained: bool, weights: str | None, random_init: bool
 @click.option("--shard-rows", type=click.IntRange(1), default=None,
               help="Rows per shard of the new set. Default: the source set's.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing set at --out instead of resuming it.")
-@ship_trust.sign_key_option("convert", "the new set's manifest")
+@ship_trust.sign_key_option("the new set's manifest")
 def convert(feature_set: str, dtype: str, out: str, shard_rows: int | None, overwrite: bool, sign_key) -> None:
     """Re-encode FEATURE_SET in another storage dtype into --out, without the backbone.
 
@@ -274,7 +274,7 @@ def info(model: str, img_size: int | None, model_kwargs: dict | None) -> None:
 @click.option("--max-queue", type=click.IntRange(1), default=64,
               help="Images queued or in the forward; more requests get 503.")
 @click.option("--max-images", type=click.IntRange(1), default=16, help="Images in one request.")
-@click.option("--max-body-bytes", type=click.IntRange(1), default=16 * 1024 * 1024, help="Largest request body.")
+@click.option("--max-body-bytes", type=Size(1), default="16M", metavar="SIZE", help="Largest request body, e.g. 16M.")
 @click.option("--max-pixels", type=click.IntRange(1), default=25_000_000,
               help="Largest image (width x height), checked before decoding: the decompression-bomb guard.")
 @click.option("--client-timeout", type=finite_float(0.1), default=10.0,
@@ -286,7 +286,8 @@ def serve(model: str, pretrained: bool, weights: str | None, random_init: bool, 
           port: int, token_file: str | None, tls_cert: str | None, tls_key: str | None, max_batch: int,
           max_wait_ms: float, max_queue: int, max_images: int, max_body_bytes: int, max_pixels: int,
           client_timeout: float, max_connections: int) -> None:
-    """Serve --model's Gather* sums over HTTP for `mist-device predict --server`. See docs/serve.md.
+    """Serve --model's Gather* sums over HTTP for `mist-device predict --server` (README: "Classifying new
+    images: separated inference").
 
     POST /v1/features (one image as the body, or several as multipart/form-data) answers a safetensors
     feature shard; GET /v1/layout the layout; GET /healthz liveness.
@@ -344,8 +345,8 @@ Examples:
   mist-cloud convert feats/train --dtype int8 --out feats/train-int8     # 50.5% of the float16 bytes (d=192)
   mist-cloud convert feats/train --dtype int4 --out feats/train-int4     # 25.5%
   mist-cloud convert feats/train-int8 --dtype float16 --out feats/back --shard-rows 256
-Start from float32 or float16 when you can: int8 -> int4 quantises twice. The formulas are in
-formats/SPEC.md §12.""",
+Start from float32 or float16 when you can: int8 -> int4 quantises twice. The formulas are in §12 of
+the format spec, installed with mist as mist/formats/SPEC.md.""",
     "serve": """\b
 Examples:
   mist-cloud serve --model tf_efficientnet_lite0 --pretrained --groups 12-15 --token-file token
@@ -364,7 +365,7 @@ _SECTIONS = {
         "Model and weights": ["model", "pretrained", "weights", "random_init", "model_kwargs", "img_size"],
         "Images": ["data", "split", "limit", "per_class", "seed", "crop_pct", "crop_mode", "interpolation"],
         "What ships": ["out", "groups", "scale", "pool", "dtype", "shard_rows", "overwrite"],
-        "Speed and progress": ["device", "batch_size", "workers", "threads", "progress"],
+        "Speed and progress": ["device", "autocast", "batch_size", "workers", "threads", "progress", "max_memory"],
     },
 }
 
@@ -382,8 +383,8 @@ Start here:
 Then copy feats/ to the device: mist-device train feats/train --out run.
 
 \b
-Every option also reads an environment variable, MIST_<COMMAND>_<OPTION>, e.g. MIST_EXTRACT_DEVICE=cuda
-(each command's --help names them).
+Every option also reads an environment variable, MIST_<COMMAND>_<OPTION>, the
+flag in capitals: MIST_EXTRACT_DEVICE=cuda (each --help names them).
 
 """ + completion_help("mist-cloud")
 

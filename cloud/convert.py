@@ -19,6 +19,7 @@ from mist.formats import FeatureSet, FeatureSetWriter, Manifest
 from mist.formats.atomic import atomic_write_bytes
 from mist.formats.quant import STORAGE_DTYPES, QuantError, bytes_per_row
 from mist.formats.writer import MAX_SHARD_BYTES, capped_shard_rows
+from mist.kit.text import counted
 
 from .errors import CloudError
 
@@ -52,7 +53,7 @@ def convert(source: Path, out: Path, dtype: str, shard_rows: int | None = None, 
                               signer=signer)
     done = writer.rows_done
     if done:
-        log(f"resuming: {done} rows in {len(writer.manifest.shards)} shards already written")
+        log(f"resuming: {counted(done, 'row')} in {counted(len(writer.manifest.shards), 'shard')} already written")
     log(f"converting {len(fs) - done} rows of {source} ({src.dtype}, {bytes_per_row(src.dtype, src.row_shape):,} "
         f"bytes a row) -> {dtype} ({bytes_per_row(dtype, src.row_shape):,} bytes a row) in {out}")
     for begin in range(done, len(fs), batch_rows):
@@ -65,5 +66,5 @@ def convert(source: Path, out: Path, dtype: str, shard_rows: int | None = None, 
     skipped = source / SKIPPED_NAME
     if skipped.exists():  # the record of images the extraction could not decode travels with the rows
         atomic_write_bytes(out / SKIPPED_NAME, skipped.read_bytes())
-    log(f"wrote {final.rows} rows in {len(final.shards)} shards to {out}")
+    log(f"wrote {counted(final.rows, 'row')} in {counted(len(final.shards), 'shard')} to {out}")
     return final

@@ -39,6 +39,7 @@ from mist.formats.atomic import atomic_write_bytes, atomic_write_json
 from mist.formats.feature_set import sha256_file
 from mist.formats.manifest import MANIFEST_NAME, Shard
 from mist.formats.writer import manifest_json, write_shard
+from mist.kit.text import counted
 
 from .errors import CloudError
 
@@ -153,8 +154,8 @@ def extract(ranks: Ranks, out: Path, manifest: Manifest, ids: np.ndarray, shard_
     finally:
         progress.close()
     seconds = time.perf_counter() - start
-    log(f"wrote {written} rows in {len(mine)} shards, {written / max(seconds, 1e-9):.1f} images/s; "
-        "waiting for the other ranks")
+    log(f"wrote {counted(written, 'row')} in {counted(len(mine), 'shard')}, "
+        f"{written / max(seconds, 1e-9):.1f} images/s; waiting for the other ranks")
 
     _barrier(ranks)  # every rank reaches it only with all its chunks committed
     final = _assemble(out, manifest, chunks, layout, signer) if ranks.rank == 0 else None
@@ -163,7 +164,8 @@ def extract(ranks: Ranks, out: Path, manifest: Manifest, ids: np.ndarray, shard_
         raise CloudError(final["error"])
     complete = Manifest.from_json(final["manifest"])
     if ranks.rank == 0:
-        log(f"wrote {complete.rows} rows in {len(complete.shards)} shards to {out} (manifest by rank 0)")
+        log(f"wrote {counted(complete.rows, 'row')} in {counted(len(complete.shards), 'shard')} to {out} "
+            "(manifest by rank 0)")
     return Outcome(complete, written, plan["resumed_rows"], final["skipped"], seconds)
 
 

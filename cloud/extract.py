@@ -26,7 +26,7 @@ from mist.formats.quant import SCHEMES, QuantError, bytes_per_row
 from mist.formats.writer import MAX_SHARD_BYTES, capped_shard_rows, refuse_complete
 from mist.kit.flags import memory_limit, memory_problem
 from mist.kit.progress import LineLog, TerminalBar, gauge, resolve_mode
-from mist.kit.text import format_duration
+from mist.kit.text import counted, format_duration
 
 from . import distributed
 from .backbones import make_transform
@@ -154,7 +154,7 @@ def extract(cfg: ExtractConfig, log: Log = print) -> ExtractResult:
     if resumed:
         last_id = int(FeatureSet(cfg.out, allow_incomplete=True).ids[-1])
         pending = ids[ids > last_id]
-        log(f"resuming: {resumed} rows in {len(writer.manifest.shards)} shards already written "
+        log(f"resuming: {counted(resumed, 'row')} in {counted(len(writer.manifest.shards), 'shard')} already written "
             f"(through source item {last_id})")
     skips = _SkipList(Path(cfg.out) / SKIPPED_NAME, keep_through=last_id, describe=source.describe)
 
@@ -176,8 +176,8 @@ def extract(cfg: ExtractConfig, log: Log = print) -> ExtractResult:
         progress.close()
         skips.close()
     seconds = time.perf_counter() - start
-    log(f"wrote {final.rows} rows ({written} now, {resumed} before) in {len(final.shards)} shards to {cfg.out}, "
-        f"{written / max(seconds, 1e-9):.1f} images/s")
+    log(f"wrote {counted(final.rows, 'row')} ({written} now, {resumed} before) in "
+        f"{counted(len(final.shards), 'shard')} to {cfg.out}, {written / max(seconds, 1e-9):.1f} images/s")
     if skips.count:
         log(f"skipped {skips.count} unreadable images, listed in {skips.path}")
     return ExtractResult(final, written, resumed, skips.count, seconds)

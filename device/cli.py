@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from mist.kit.cli import CONTEXT, completion_help, one_line_errors, os_error_message, package_version, teach
-from mist.kit.text import json_text, terminal_text
+from mist.kit.text import counted, json_text, terminal_text
 from mist.ship import commands as ship_commands
 from mist.ship import trust as ship_trust
 
@@ -69,7 +69,7 @@ def info(feature_set: str, as_json: bool) -> None:
         f"gather        k={m.k} groups {_groups_text(m.groups)}  scale={m.scale}",
         f"tokens        T={m.tokens} (prefix {m.prefix_tokens}, grid {m.grid})  d={m.dim}  dtype={m.dtype}",
         f"per image     {nbytes:,} bytes shipped ({100 * nbytes / float16_bytes:.1f}% of float16)",
-        f"rows          {len(fs):,} in {len(m.shards)} shards  split={m.split}",
+        f"rows          {len(fs):,} in {counted(len(m.shards), 'shard')}  split={m.split}",
         f"classes       {len(m.classes)}: " + ", ".join(
             f"{c} ({n})" for c, n in zip(m.classes, counts)),
         f"unlabelled    {int(np.sum(fs.labels < 0))}",
@@ -92,7 +92,7 @@ def _groups_text(groups: list[list[int]]) -> str:
 @ship_commands.PROGRESS
 @ship_commands.JSON
 @click.option("--deep", is_flag=True, help="Also read every feature: refuse NaN or inf, count labelled rows.")
-@ship_trust.trust_options("verify")
+@ship_trust.trust_options
 def verify(feature_set: str, endpoint_url: str | None, progress: str, as_json: bool, deep: bool) -> None:
     """Check a feature set's manifest, every shard header and every shard checksum.
 
@@ -109,7 +109,7 @@ def verify(feature_set: str, endpoint_url: str | None, progress: str, as_json: b
     fs = open_set(feature_set, verify=True, trust=trust)
     signed_by = trust.checked.get(str(fs.directory / "manifest.json"))
     if len(fs) == 0:
-        raise FormatError(f"{fs.directory}: empty feature set (0 rows in {len(fs.manifest.shards)} shards); "
+        raise FormatError(f"{fs.directory}: empty feature set (0 rows in {counted(len(fs.manifest.shards), 'shard')}); "
                           "there is nothing to train on or evaluate")
     counts = fs.check_values() if deep else None
     if as_json:
@@ -122,8 +122,8 @@ def verify(feature_set: str, endpoint_url: str | None, progress: str, as_json: b
         detail = (f", all features finite, {counts['labelled']:,} labelled rows in {counts['classes_present']} of "
                   f"{fs.num_classes} classes, {counts['unlabelled']:,} unlabelled")
     signature = f", signed by trusted key {signed_by}" if signed_by else ""
-    click.echo(terminal_text(f"ok: {fs.directory} ({len(fs):,} rows, {len(fs.manifest.shards)} shards, "
-                             f"checksums match{signature}{detail})"))
+    click.echo(terminal_text(f"ok: {fs.directory} ({counted(len(fs), 'row')}, "
+                             f"{counted(len(fs.manifest.shards), 'shard')}, checksums match{signature}{detail})"))
 
 
 # ---- help that teaches: summaries, examples, environment variables, metavars, option groups -----------------
@@ -149,6 +149,7 @@ Examples:
   mist-device verify feats/train --signatures require --trusted-key cloud.key.pub""",
     "train": """\b
 Examples:
+  mist-device train feats/train --out run --model auto --val-split 0.2   # probes and the adaptor, best kept
   mist-device train feats/train --out run --val-split 0.2
   mist-device train feats/train --out run --val feats/val --epochs 50 --lr 3e-3
   mist-device train feats/train --out run --resume          # after a crash or Ctrl-C
@@ -162,23 +163,27 @@ Examples:
     "predict": """\b
 Examples:
   mist-device predict run feats/new --top-k 3
-  mist-device predict adaptor.safetensors feats/new --format json --output predictions.json
+  mist-device predict adaptor.safetensors feats/new --format json --out predictions.json
   mist-device predict run --server http://127.0.0.1:8750 --token-file token photo.jpg --top-k 3""",
     "export": """\b
 Examples:
-  mist-device export run adaptor.safetensors
-  mist-device export run adaptor.safetensors --sign-key owner.key   # devices that trust owner.key.pub
-                                                                    # can refuse any other adaptor""",
+  mist-device export run --out adaptor.safetensors
+  mist-device export run --out adaptor.safetensors --sign-key owner.key   # devices that trust owner.key.pub
+                                                                          # can refuse any other adaptor""",
 }
 
+# train --help opens with what a newcomer chooses first; every option sits in a section (a test checks it).
 _SECTIONS = {
     "train": {
-        "Data": ["run_dir", "val_set", "val_split", "val_seed", "no_verify"],
-        "Adaptor": ["rank", "heads", "blocks_per_group", "pool", "input_scale"],
-        "Optimisation": ["epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup", "warmup_fraction",
+        "Start here: model, search, validation, epochs": ["run_dir", "model_kind", "grid", "val_split", "val_set",
+                                                          "epochs"],
+        "Search and validation": ["probe_features", "patience", "val_seed"],
+        "Adaptor": ["rank", "heads", "blocks_per_group", "pool", "pos_embed", "input_scale"],
+        "Optimisation": ["batch_size", "lr", "min_lr", "weight_decay", "warmup", "warmup_fraction",
                          "label_smoothing", "grad_clip", "seed"],
-        "Checkpoints and progress": ["save_every", "resume", "overwrite", "progress", "log_every", "step_metrics",
-                                     "threads"],
+        "Checkpoints, progress and resources": ["resume", "overwrite", "save_every", "progress", "log_every",
+                                                "step_metrics", "no_verify", "max_memory", "threads"],
+        "Trust": ["signatures", "trusted_keys"],
     },
 }
 
@@ -201,8 +206,10 @@ Start here:
 Run `mist-device COMMAND --help` for a command's options and examples.
 
 \b
-Every option also reads an environment variable, MIST_<COMMAND>_<OPTION>, e.g. MIST_TRAIN_EPOCHS=50
-(each command's --help names them).
+Every option also reads an environment variable, MIST_<COMMAND>_<OPTION>, the
+flag in capitals: MIST_TRAIN_EPOCHS=50, MIST_TRAIN_OUT=run (each --help names
+them). Outputs are --out; sizes take binary units (512M, 2G); nothing is
+replaced without --overwrite.
 
 """ + completion_help("mist-device")
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from mist.kit.cli import SectionedCommand
+from mist.kit.cli import SectionedCommand, refuse_to_replace
 from mist.kit.flags import memory_option
 from mist.kit.text import json_text, terminal_text
 from mist.ship.trust import current_trust, sign_key_option, trust_options
@@ -45,7 +44,7 @@ def _pins(ctx: click.Context, values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the shards.")
 @progress_option
 @memory_option
-@trust_options("evaluate")
+@trust_options
 @threads_option
 def evaluate(adaptor: str, test_set: str, as_json: bool, batch_size: int, no_verify: bool, progress: str) -> None:
     """Accuracy, per-class accuracy and confusion matrix of ADAPTOR (a run dir or checkpoint) on TEST_SET.
@@ -77,9 +76,13 @@ def evaluate(adaptor: str, test_set: str, as_json: bool, batch_size: int, no_ver
     if len(shown) > MAX_PRINTED_CONFUSION:
         click.echo(f"confusion: {len(shown):,} x {len(shown):,}, too large to print; --json holds it")
         return
-    click.echo("confusion (rows: true, columns: predicted)")
-    for c, row in zip(shown, confusion):
-        click.echo(f"  {c:<{width}}  " + " ".join(f"{v:5d}" for v in row))
+    # Columns are numbered like the rows (names would make the matrix as wide as the longest name, ten times).
+    number = len(str(len(shown) - 1))
+    cell = max(5, number, *(len(str(v)) for row in confusion for v in row)) if confusion else 5
+    click.echo("confusion (rows: true class, columns: predicted class, numbered as the rows)")
+    click.echo(f"  {'':>{number}} {'':<{width}}  " + " ".join(f"{j:>{cell}}" for j in range(len(shown))))
+    for i, (c, row) in enumerate(zip(shown, confusion)):
+        click.echo(f"  {i:>{number}} {c:<{width}}  " + " ".join(f"{v:>{cell}d}" for v in row))
 
 
 @click.command(cls=SectionedCommand)
@@ -88,13 +91,16 @@ def evaluate(adaptor: str, test_set: str, as_json: bool, batch_size: int, no_ver
 @click.option("--top-k", type=click.IntRange(1), default=1, help="How many classes to list per row.")
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv")
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
-@click.option("--output", type=click.Path(dir_okay=False), default=None, help="Write here instead of stdout.")
+@click.option("--out", "output", type=click.Path(dir_okay=False), default=None,
+              help="Write the predictions to this file instead of stdout.")
+@click.option("--overwrite", is_flag=True, help="Replace the --out file if it exists.")
 @click.option("--batch-size", type=click.IntRange(1), default=128,
               help="Rows per forward pass, capped so each pass holds at most 16 MB of float32 features "
                    "(27 rows at ViT-B/16's k=1, T=197, d=768): memory stays bounded at any value.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the shards.")
 @click.option("--server", default=None,
-              help="A `mist-cloud serve` URL: classify the IMAGE files, the backbone running there (docs/serve.md).")
+              help="A `mist-cloud serve` URL: classify the IMAGE files, the backbone running there (README: "
+                   "\"Classifying new images\").")
 @click.option("--token-file", type=click.Path(dir_okay=False), default=None,
               help="With --server: file holding its bearer token. Default: $MIST_SERVE_TOKEN.")
 @click.option("--ca-cert", type=click.Path(dir_okay=False), default=None,
@@ -106,10 +112,10 @@ def evaluate(adaptor: str, test_set: str, as_json: bool, batch_size: int, no_ver
                    "certificate beside the old one.")
 @progress_option
 @memory_option
-@trust_options("predict")
+@trust_options
 @threads_option
 def predict(adaptor: str, feature_set: tuple[str, ...], top_k: int, fmt: str, as_json: bool, output: str | None,
-            batch_size: int, no_verify: bool, server: str | None, token_file: str | None,
+            overwrite: bool, batch_size: int, no_verify: bool, server: str | None, token_file: str | None,
             ca_cert: str | None, server_pins: tuple[str, ...], progress: str) -> None:
     """Predict a class for every row of FEATURE_SET (labelled or not) with ADAPTOR.
 
@@ -121,6 +127,8 @@ def predict(adaptor: str, feature_set: tuple[str, ...], top_k: int, fmt: str, as
     from .evaluation import evaluate_rows
 
     fmt = "json" if as_json else fmt
+    if output is not None:
+        refuse_to_replace(output, overwrite)
     trust = current_trust()
     ckpt, model, path = load_adaptor(adaptor, trust)
     if server is not None:
@@ -155,16 +163,24 @@ def predict(adaptor: str, feature_set: tuple[str, ...], top_k: int, fmt: str, as
 
 @click.command(cls=SectionedCommand)
 @click.argument("adaptor", type=click.Path(exists=True))
-@click.argument("out", type=click.Path(dir_okay=False))
-@sign_key_option("export", "the exported adaptor")
-def export(adaptor: str, out: str, sign_key) -> None:
-    """Write ADAPTOR's weights and metadata only (no optimizer state) to OUT, for inference, with a digest of
-    every tensor and of the metadata; with --sign-key, signed."""
+@click.argument("old_out", required=False, metavar="", expose_value=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="The checkpoint file to write (required).")
+@click.option("--overwrite", is_flag=True, help="Replace the --out file if it exists.")
+@sign_key_option("the exported adaptor")
+def export(adaptor: str, old_out: str | None, out: str | None, overwrite: bool, sign_key) -> None:
+    """Write ADAPTOR's weights and metadata only (no optimizer state) to --out, for inference, with a digest
+    of every tensor and of the metadata; with --sign-key, signed."""
     from mist.formats import Checkpoint, save_checkpoint
 
+    if old_out is not None:  # the form before one output-flag convention: say the new one, never guess
+        raise click.UsageError(f"the output file goes with --out: mist-device export {adaptor} --out {old_out}")
+    if out is None:
+        raise click.UsageError("Missing option '--out' (the checkpoint file to write)")
     ckpt, _, path = load_adaptor(adaptor)
     if Path(out).resolve() == path.resolve():
         raise click.UsageError(f"{out} is the checkpoint being exported; choose another output file")
+    refuse_to_replace(out, overwrite)
     from mist.formats.checkpoint import inference_record
 
     slim = Checkpoint(params=ckpt.params, config=ckpt.config, classes=ckpt.classes,
@@ -179,77 +195,130 @@ def export(adaptor: str, out: str, sign_key) -> None:
 # ---- report -----------------------------------------------------------------------------------------------
 
 
-@click.command(cls=SectionedCommand, short_help="Training curves, confusion matrix and per-class table of a run.",
+@click.command(cls=SectionedCommand, short_help="Curves, search chart, confusion matrix and per-class table of a run.",
               epilog="""\b
 Examples:
   mist-device report run feats/test             # curves.png, confusion.png, report.json in run/report
+  mist-device report auto-run feats/test        # a search: also search.png, every configuration's accuracy
   mist-device report run                        # the training curves only
-  mist-device report run feats/test --out plots
+  mist-device report run feats/test --out plots --overwrite
 
 The PNG files need matplotlib: pip install 'mist-tuning[plots]'. Without it the table is still printed.""")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False), metavar="RUN_DIR")
 @click.argument("test_set", type=click.Path(exists=True, file_okay=False), required=False, metavar="[TEST_SET]")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
-              show_default="RUN_DIR/report", help="Where curves.png, confusion.png and report.json go.")
+              show_default="RUN_DIR/report", help="Where curves.png, search.png, confusion.png and report.json go.")
+@click.option("--overwrite", is_flag=True, help="Replace report files already in the --out folder.")
 @click.option("--batch-size", type=click.IntRange(1), default=128, help="Rows per forward pass.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the shards.")
 @progress_option
 @memory_option
-@trust_options("report")
+@trust_options
 @threads_option
-def report(run_dir: str, test_set: str | None, out_dir: str | None, batch_size: int, no_verify: bool,
-           progress: str) -> None:
-    """Plot RUN_DIR's training curves (loss, accuracy, lr) and, on TEST_SET, its confusion matrix; print a
-    per-class precision/recall/F1 table. The adaptor is RUN_DIR's best checkpoint (else its last)."""
-    import numpy as np
+def report(run_dir: str, test_set: str | None, out_dir: str | None, overwrite: bool, batch_size: int,
+           no_verify: bool, progress: str) -> None:
+    """Report on RUN_DIR, any run of `mist-device train`: a plain run, --model probe|auto, or --grid.
 
+    Draws the chosen model's training curves (loss, accuracy, lr; the kept epoch marked), for a search every
+    configuration's validation accuracy, and on TEST_SET the chosen model's confusion matrix; prints a
+    per-class precision/recall/F1 table. The model is RUN_DIR's best.safetensors (else its last).
+    """
     from . import report as rep
 
     run_path = Path(run_dir)
-    epochs = rep.read_epochs(run_path)
+    record = rep.read_run(run_path)
     out = Path(out_dir) if out_dir else run_path / "report"
     plots = rep.have_matplotlib()
+    planned = [rep.TABLE] + [name for name, wanted in ((rep.CURVES, record.epochs), (rep.SEARCH, record.search),
+                                                         (rep.CONFUSION, test_set)) if plots and wanted]
+    present = [out / name for name in planned if (out / name).exists()]
+    if present and not overwrite:
+        raise click.UsageError(f"{present[0]} already exists; pass --overwrite to replace the report, "
+                               "or --out another folder")
     if not plots:
         click.echo(f"plots skipped: matplotlib is not installed ({rep.PLOTS_HINT} to get them)", err=True)
+    name = terminal_text(run_path.resolve().name)
+    for line in _run_summary(record):
+        click.echo(terminal_text(line))
+    out.mkdir(parents=True, exist_ok=True)
     written = []
-    if plots:
-        out.mkdir(parents=True, exist_ok=True)
-        written.append(rep.plot_curves(epochs, out / rep.CURVES, f"{run_path.resolve().name}: {len(epochs)} epochs"))
-    last = epochs[-1]
-    click.echo(f"{len(epochs)} epochs: train loss {last['train_loss']:.4f}, train acc {last['train_acc']:.3f}"
-               + (f", val acc {last['val_acc']:.3f} (best {max(r.get('val_acc', 0) for r in epochs):.3f})"
-                  if "val_acc" in last else ""))
+    if plots and record.search:
+        title = f"{name}: {len(record.search['members'])} configurations, chosen {record.chosen}"
+        written.append(rep.plot_search(record.search, out / rep.SEARCH, title))
+    if plots and record.epochs:
+        whose = "" if record.kind == "plain" else f" of {record.curves_of}"
+        if record.kind == "search" and record.curves_of != record.chosen:
+            whose += f" (the best adaptor trained by epochs; the chosen {record.chosen} was fitted once)"
+        written.append(rep.plot_curves(record, out / rep.CURVES, f"{name}: training curves{whose}, "
+                                                                f"{len(record.epochs)} epochs"))
+    body = {"run_dir": run_dir, "kind": record.kind, "chosen": record.chosen, "curves_of": record.curves_of,
+            "kept_epoch": record.kept_epoch, "kept_rule": record.kept_rule, "epochs": record.epochs,
+            **({"search": record.search} if record.search else {})}
     if test_set is not None:
-        from .evaluation import evaluate_by_name
-        from .progress import rows_progress
-
-        trust = current_trust()
-        ckpt, model, path = load_adaptor(run_dir, trust)
-        fs = open_set(test_set, verify=not no_verify, trust=trust)
-        check_set_against(ckpt, path, fs, classes=False)
-        require_inference_memory(model, batch_size, int((fs.labels >= 0).sum()), len(ckpt.classes))
-        bar = rows_progress(int((fs.labels >= 0).sum()), progress, "evaluating", log=lambda m: click.echo(m, err=True))
-        result = evaluate_by_name(model, ckpt.classes, fs, batch_size=batch_size, progress=bar)
-        confusion = np.array(result["confusion"])
-        table = rep.classification_table(confusion, ckpt.classes)
-        click.echo(f"on {test_set} ({result['rows']} rows, {path.name}):")
-        click.echo(rep.format_table(table))
-        out.mkdir(parents=True, exist_ok=True)
-        from mist.formats.atomic import atomic_write_bytes
-
-        body = {"run_dir": run_dir, "checkpoint": str(path), "test_set": test_set, "epochs": epochs,
-                "confusion": result["confusion"], "classes": ckpt.classes, "table": table}
-        atomic_write_bytes(out / rep.TABLE, (json.dumps(body, indent=1) + "\n").encode())
-        written.append(out / rep.TABLE)
-        if plots and len(ckpt.classes) > rep.MAX_PLOTTED_CLASSES:
-            click.echo(f"confusion.png skipped: {len(ckpt.classes):,} classes is more than a readable picture "
+        table, confusion, classes, path = _score(run_dir, test_set, batch_size, no_verify, progress)
+        click.echo(f"{record.chosen} on {test_set} ({confusion.sum()} rows, {path.name}):")
+        click.echo("\n".join(terminal_text(line) for line in rep.format_table(table).split("\n")))
+        body.update(checkpoint=str(path), test_set=test_set, confusion=confusion.tolist(), classes=classes,
+                    table=table)
+        if plots and len(classes) > rep.MAX_PLOTTED_CLASSES:
+            click.echo(f"confusion.png skipped: {len(classes):,} classes is more than a readable picture "
                        f"holds ({rep.MAX_PLOTTED_CLASSES}); {rep.TABLE} has the whole matrix", err=True)
         elif plots:
-            title = f"{path.name} on {Path(test_set).name}: accuracy {table['accuracy']:.3f}"
-            written.append(rep.plot_confusion(confusion, ckpt.classes, out / rep.CONFUSION, title))
+            title = f"{record.chosen} ({path.name}) on {Path(test_set).name}: accuracy {table['accuracy']:.3f}"
+            written.append(rep.plot_confusion(confusion, classes, out / rep.CONFUSION, title))
     else:
         click.echo("pass TEST_SET for the confusion matrix and the per-class precision/recall/F1 table")
+    from mist.formats.atomic import atomic_write_bytes
+
+    atomic_write_bytes(out / rep.TABLE, (json_text(body, indent=1) + "\n").encode())
+    written.append(out / rep.TABLE)
     for p in written:
-        click.echo(f"wrote {p}")
+        click.echo(terminal_text(f"wrote {p}"))
 
 
+def _run_summary(record) -> list[str]:
+    """What the run was and what it kept, in a line or two."""
+    lines = []
+    if record.search:
+        members = record.search["members"]
+        kinds = {}
+        for m in members:
+            kinds[str(m.get("kind"))] = kinds.get(str(m.get("kind")), 0) + 1
+        counted = ", ".join(f"{k}: {n}" for k, n in kinds.items())
+        lines.append(f"search of {len(members)} configurations ({counted}) on {record.search.get('val_rows', '?')} "
+                     f"validation rows; chosen {record.chosen}: {record.search.get('reason', '')}")
+    if record.epochs:
+        last = record.epochs[-1]
+        whose = "" if record.kind == "plain" else f"{record.curves_of}: "
+        val = f", val acc {last['val_acc']:.3f}" if "val_acc" in last else ""
+        lines.append(f"{whose}{len(record.epochs)} epochs, last: train loss {last['train_loss']:.4f}, train acc "
+                     f"{last['train_acc']:.3f}{val}; kept epoch {record.kept_epoch} ({record.kept_rule})")
+        if record.curves_of != record.chosen and record.kind == "search":
+            lines.append(f"curves: {record.curves_of}, the best model trained by epochs ({record.chosen} was "
+                         "fitted once and has none)")
+    elif record.search and any(m.get("best_epoch") for m in record.search["members"]):
+        lines.append("no curves: metrics.jsonl holds no per-epoch lines of this search's adaptors (a search run "
+                     "by a mist older than its report)")
+    elif record.search:
+        lines.append("no curves: every model of this search was fitted once")
+    return lines
+
+
+def _score(run_dir: str, test_set: str, batch_size: int, no_verify: bool, progress: str):
+    """The chosen model on TEST_SET: (per-class table, confusion matrix, classes, checkpoint path)."""
+    import numpy as np
+
+    from . import report as rep
+    from .evaluation import evaluate_by_name
+    from .progress import rows_progress
+
+    trust = current_trust()
+    ckpt, model, path = load_adaptor(run_dir, trust)
+    fs = open_set(test_set, verify=not no_verify, trust=trust)
+    check_set_against(ckpt, path, fs, classes=False)
+    rows = int((fs.labels >= 0).sum())
+    require_inference_memory(model, batch_size, rows, len(ckpt.classes))
+    bar = rows_progress(rows, progress, "evaluating", log=lambda m: click.echo(m, err=True))
+    result = evaluate_by_name(model, ckpt.classes, fs, batch_size=batch_size, progress=bar)
+    confusion = np.array(result["confusion"])
+    return rep.classification_table(confusion, ckpt.classes), confusion, ckpt.classes, path

@@ -6,6 +6,7 @@ import click
 
 from mist.kit.cli import SectionedCommand
 from mist.kit.flags import SEED, finite_float, memory_option, require_memory
+from mist.kit.text import counted
 from mist.ship.trust import current_trust, trust_options
 
 from .cli_options import KIND_CHOICE, open_set, progress_option, threads_option
@@ -29,9 +30,8 @@ from .cli_options import KIND_CHOICE, open_set, progress_option, threads_option
               help="Multiply features by this on the device.")
 @click.option("--epochs", type=click.IntRange(1), default=30)
 @click.option("--batch-size", type=click.IntRange(1), default=32,
-              help="Images per step. Memory per image: k*T*d*6 bytes (the float32 batch and the fp16 one read "
-                   "ahead) + blocks*heads*T*T*4 (attention maps) + small; measured at ViT-B/16 (k=1, T=197, "
-                   "d=768, 1 block): about 2.3 MB per image over a 60 MB base, so 32 peaks near 135 MB.")
+              help="Images per step. Memory grows by k*T*d*6 + blocks*heads*T*T*4 bytes per image (ViT-B/16, "
+                   "1 block: about 2.3 MB per image over a 60 MB base).")
 @click.option("--lr", type=finite_float(0, min_open=True), default=1e-3, help="Peak learning rate (AdamW).")
 @click.option("--min-lr", type=finite_float(0), default=0.0, help="Learning rate at the end of the cosine.")
 @click.option("--weight-decay", type=finite_float(0), default=1e-4,
@@ -63,9 +63,9 @@ from .cli_options import KIND_CHOICE, open_set, progress_option, threads_option
               help="lae: the adaptor; probe: standardised logistic regression (pooled and flattened, several L2) "
               "chosen on validation; auto: probes and adaptors (--grid) in one validated search, keeping the best.")
 @click.option("--grid", default=None,
-              help="Train every combination of 'KEY=V1,V2 KEY=...' (or a file holding that text) in one pass over "
-              "the data, keys lr, wd, ls, blocks, rank, heads, pos; pick the best on validation (grid.json). Memory "
-              "grows with the number of combinations (each holds ~5x its weights), not with the data.")
+              help="Search adaptor settings: every combination of 'KEY=V1,V2 KEY=...' (or a file holding that "
+              "text), keys lr, wd, ls, blocks, rank, heads, pos, trained in one pass over the data; the best on "
+              "validation is kept (grid.json).")
 @click.option("--probe-features", type=click.Choice(["both", "pooled", "flat"]), default="both",
               help="With --model probe|auto: probes on the pooled maps (k*d values), the flattened maps, or both.")
 @click.option("--pos-embed", is_flag=True, help="Learn a position embedding for the tokens (zero at start).")
@@ -73,7 +73,7 @@ from .cli_options import KIND_CHOICE, open_set, progress_option, threads_option
               help="Stop training a model (the adaptor, or each one of a search) after N epochs without a better "
                    "validation accuracy.")
 @memory_option
-@trust_options("train")
+@trust_options
 @threads_option
 def train(train_set: str, run_dir: str, val_set: str | None, val_split: float, rank: int, heads: int,
           blocks_per_group: int, pool: str, input_scale: float, epochs: int, batch_size: int, lr: float,
@@ -81,11 +81,12 @@ def train(train_set: str, run_dir: str, val_set: str | None, val_split: float, r
           seed: int, save_every: int, resume: bool, overwrite: bool, no_verify: bool, warmup_fraction: float,
           val_seed: int | None, progress: str, log_every: int, step_metrics: bool, model_kind: str,
           grid: str | None, probe_features: str, pos_embed: bool, patience: int) -> None:
-    """Train the LAE adaptor on TRAIN_SET, a feature set written by `mist-cloud extract`.
+    """Train on TRAIN_SET, a feature set written by `mist-cloud extract`: the LAE adaptor (--model lae),
+    linear probes (--model probe), or all of them in one validated search that keeps the best (--model auto).
 
     Minibatches stream from the shards, so memory stays bounded whatever the set's size. Each epoch
-    appends a line to RUN_DIR/metrics.jsonl and rewrites RUN_DIR/last.safetensors atomically;
-    RUN_DIR/best.safetensors keeps the best validation accuracy. After a crash, rerun with --resume.
+    appends to RUN_DIR/metrics.jsonl and rewrites the run's state atomically; RUN_DIR/best.safetensors is
+    the model to use (a search adds grid.json). After a crash, rerun with --resume.
     """
     from mist.formats import check_compatible
 
@@ -120,7 +121,8 @@ def train(train_set: str, run_dir: str, val_set: str | None, val_split: float, r
     estimate = training_bytes([c for c, _ in members.values()], fitted, min(batch_size, len(train_fs)),
                               len(train_fs), val_rows, train_fs.manifest.row_shape, train_fs.read_dtype.itemsize,
                               search)
-    what = (f"the search ({len(members)} adaptors, {len(fitted)} probes) with --batch-size {batch_size}" if search
+    what = (f"the search ({counted(len(members), 'adaptor')}, {counted(len(fitted), 'probe')}) with --batch-size "
+            f"{batch_size}" if search
             else f"training {cfg.num_blocks} blocks of rank {cfg.rank} with --batch-size {batch_size}")
     require_memory(estimate, what)
     if search:

@@ -2,7 +2,8 @@
 
 A plain run writes ``last.safetensors`` (the state), ``best.safetensors`` (the state at its best epoch) and
 ``metrics.jsonl`` (a line per epoch); a search writes ``grid-last.safetensors`` (the state of every member),
-then ``members/``, ``best.safetensors`` and ``grid.json`` when it chooses (device/grid.py). Both states are
+``metrics.jsonl`` (a line per member still training and epoch, tagged ``"member"``), then ``members/``,
+``best.safetensors`` and ``grid.json`` when it chooses (device/grid.py). Both states are
 written by ``save`` from ``checkpoint``: every member's weights and AdamW moments (a search prefixes them
 ``m<i>.`` and keeps each member's best weights as ``m<i>.best.``), the fitted models (``p<i>.``) and a
 ``train_state`` with the run's counters, its options and each member's. A plain run's state is an ordinary
@@ -87,7 +88,7 @@ def stale_files(run_dir: Path, search: bool) -> list[Path]:
 
 
 class MetricsLog:
-    """A plain run's metrics.jsonl. After ``replace_on_next_epoch`` (a new run or --overwrite) the old lines
+    """A run's metrics.jsonl. After ``replace_on_next_epoch`` (a new run or --overwrite) the old lines
     stay whole until the first epoch's checkpoints are written, then one atomic rename swaps in the new
     ones; a kill in between leaves lines tagged with the old run, which a resume drops."""
 
@@ -104,8 +105,8 @@ class MetricsLog:
         else:
             self._append(line)
 
-    def add_epoch(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record) + "\n"
+    def add_epoch(self, records: list[dict[str, Any]]) -> None:
+        line = "".join(json.dumps(record) + "\n" for record in records)
         if self.replacing:
             atomic_write_bytes(self.path, ("".join(self.pending) + line).encode())
             self.pending, self.replacing = [], False
@@ -172,21 +173,21 @@ def checkpoint(trainer: Any) -> Checkpoint:
                       classes=classes, feature_set=record, optimizer=optimizer, train_state=train_state, kind="grid")
 
 
-def save(trainer: Any, record: dict[str, Any] | None = None, improved: bool = False) -> None:
-    """The one writer of a run's state: at every epoch end (with the plain run's metrics ``record``), every
-    ``--save-every`` steps and once the fitted models are fitted."""
+def save(trainer: Any, records: list[dict[str, Any]] = (), improved: bool = False) -> None:
+    """The one writer of a run's state: at every epoch end (with the epoch's metrics ``records``: the plain
+    run's line, or one per search member), every ``--save-every`` steps and once the fitted models are fitted."""
     ckpt = checkpoint(trainer)
     plain = not trainer.search
-    if record is not None and not trainer.metrics.replacing:
-        trainer.metrics.add_epoch(record)
+    if records and not trainer.metrics.replacing:
+        trainer.metrics.add_epoch(records)
     if plain and improved:
         save_checkpoint(trainer.run_dir / BEST, ckpt)
     save_checkpoint(trainer.state_path, ckpt)
     for stale in trainer.stale:  # an --overwrite run's first state is written: the old run's other files go
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
     trainer.stale = []
-    if record is not None and trainer.metrics.replacing:
-        trainer.metrics.add_epoch(record)
+    if records and trainer.metrics.replacing:
+        trainer.metrics.add_epoch(records)
 
 
 def resume(trainer: Any, path: Path) -> None:

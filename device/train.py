@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from mist.formats import FeatureSet
+from mist.kit.text import counted
 
 from . import run_state
 from .data import batches, needs_of, read_rows, split_rows
@@ -87,7 +88,12 @@ class Trainer:
             raise TrainingError(f"{train_set.directory}: no labelled rows to train on")
         specs = {"lae-defaults": (cfg, opts)} if members is None else members
         if len(self.val_rows) == 0 and len(specs) + len(fitted) > 1:
-            raise TrainingError("choosing among several models needs validation rows: pass --val-split or --val")
+            raise TrainingError("choosing among several models needs validation rows: "
+                                + (_empty_split(train_set.labels, opts.val_split) if opts.val_split > 0 and
+                                   val_set is None else "pass --val-split or --val"))
+        if len(self.val_rows) == 0 and opts.val_split > 0 and val_set is None:
+            log(f"warning: {_empty_split(train_set.labels, opts.val_split)}; without validation the kept "
+                "epoch is the one with the lowest training loss")
         self.steps_per_epoch = math.ceil(len(self.train_rows) / opts.batch_size)
         self.total_steps = self.steps_per_epoch * opts.epochs
         self.warmup_steps, self.warmup_warning = warmup_steps(opts.warmup_epochs, opts.warmup_fraction,
@@ -199,14 +205,18 @@ class Trainer:
         improved = self._validate(active, epoch)
         self.state.update(epoch=epoch + 1, batch=0)
         self.state["elapsed"] += time.perf_counter() - t0
-        record = self._record(epoch, lr, images / max(seconds, 1e-9)) if not self.search else None
-        run_state.save(self, record=record, improved=bool(improved))
-        self.log(_epoch_line(record, opts.epochs) if record else _search_line(active, epoch, opts.epochs))
+        if self.search:  # one line per member still training: report draws the chosen one's curves
+            records = [self._member_record(m, epoch) for m in active]
+        else:
+            records = [self._record(epoch, lr, images / max(seconds, 1e-9))]
+        run_state.save(self, records=records, improved=bool(improved))
+        self.log(_search_line(active, epoch, opts.epochs) if self.search else _epoch_line(records[0], opts.epochs))
 
     def _validate(self, active: list[Member], epoch: int) -> list[Member]:
         """Every active member on the validation rows (read once), then its best epoch and patience."""
         fs = self.val_set or self.train_set
         loss_sum = {m.name: 0.0 for m in active}
+        smoothed_sum = {m.name: 0.0 for m in active}
         correct = {m.name: 0 for m in active}
         if len(self.val_rows):
             chunk = eval_chunk_rows(active[0].cfg, 128)
@@ -216,6 +226,9 @@ class Trainer:
                     logits = m.model.forward(batch.input_for(m.model), keep_cache=False)
                     loss, _ = softmax_cross_entropy(logits, batch.labels)
                     loss_sum[m.name] += float(loss) * len(batch)
+                    # The training loss carries label smoothing; the same loss here lets curves compare them.
+                    smoothed, _ = softmax_cross_entropy(logits, batch.labels, m.opts.label_smoothing)
+                    smoothed_sum[m.name] += float(smoothed) * len(batch)
                     correct[m.name] += int(np.sum(logits.argmax(1) == batch.labels))
         improved = []
         n = max(len(self.val_rows), 1)
@@ -226,6 +239,7 @@ class Trainer:
             s["last_train_acc"] = s["correct"] / max(s["seen"], 1)
             if len(self.val_rows):
                 s["last_val_acc"], s["last_val_loss"] = correct[m.name] / n, loss_sum[m.name] / n
+                s["last_val_loss_smoothed"] = smoothed_sum[m.name] / n
                 acc, loss = s["last_val_acc"], s["last_val_loss"]
             else:  # without validation, "best" is the lowest training loss
                 acc, loss = -s["last_train_loss"], s["last_train_loss"]
@@ -254,7 +268,20 @@ class Trainer:
                   "train_acc": s["last_train_acc"], "images_per_s": images_per_s,
                   "gflops": images_per_s * flops_per_image(m.cfg) / 1e9, "elapsed_s": self.state["elapsed"]}
         if len(self.val_rows):
-            record.update(val_loss=s["last_val_loss"], val_acc=s["last_val_acc"])
+            record.update(val_loss=s["last_val_loss"], val_acc=s["last_val_acc"],
+                          val_loss_smoothed=s["last_val_loss_smoothed"])
+        record["run"] = self.state["run"]
+        return record
+
+    def _member_record(self, m: Member, epoch: int) -> dict[str, Any]:
+        """A search's metrics.jsonl line for one member at this epoch (tagged with its name)."""
+        s = m.state
+        record = {"epoch": epoch + 1, "member": m.name, "step": self.state["step"],
+                  "lr": m.recipe.lr_at(self.state["step"] - 1), "train_loss": s["last_train_loss"],
+                  "train_acc": s["last_train_acc"], "elapsed_s": self.state["elapsed"]}
+        if len(self.val_rows):
+            record.update(val_loss=s["last_val_loss"], val_acc=s["last_val_acc"],
+                          val_loss_smoothed=s["last_val_loss_smoothed"])
         record["run"] = self.state["run"]
         return record
 
@@ -271,6 +298,14 @@ def _search_line(active: list[Member], epoch: int, epochs: int) -> str:
         return f"epoch {epoch + 1}/{epochs}"
     leader = max(active, key=lambda m: (m.state["best_val"] or -1.0, -(m.state["best_loss"] or 0.0)))
     if leader.state["best_val"] is None:
-        return f"epoch {epoch + 1}/{epochs}: {len(active)} adaptors trained"
-    return (f"epoch {epoch + 1}/{epochs}: {len(active)} adaptors trained, best so far {leader.name} "
+        return f"epoch {epoch + 1}/{epochs}: {counted(len(active), 'adaptor')} trained"
+    return (f"epoch {epoch + 1}/{epochs}: {counted(len(active), 'adaptor')} trained, best so far {leader.name} "
             f"val_acc {leader.state['best_val']:.3f}")
+
+
+def _empty_split(labels: np.ndarray, val_split: float) -> str:
+    """Why --val-split held out nothing: every class is too small for the fraction to round to one row."""
+    largest = int(np.bincount(labels[labels >= 0]).max()) if np.any(labels >= 0) else 0
+    return (f"--val-split {val_split:g} holds out no rows: the largest class has {largest} labelled "
+            f"row{'' if largest == 1 else 's'}, and {val_split:g} of {largest} rounds to 0 rows per class; "
+            f"pass a --val-split above {0.5 / max(largest, 1):.2g}, or --val FEATURE_SET")

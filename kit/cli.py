@@ -45,12 +45,17 @@ class SectionedCommand(click.Command):
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         if not self.option_sections:
             return super().format_options(ctx, formatter)
-        records = {p.name: p.get_help_record(ctx) for p in self.get_params(ctx) if isinstance(p, click.Option)}
+        help_option = self.get_help_option(ctx)
+        records = {"help" if p is help_option else p.name: p.get_help_record(ctx) for p in self.get_params(ctx)
+                   if isinstance(p, click.Option)}
         records = {name: r for name, r in records.items() if r is not None}
-        placed = set()
-        for heading, names in self.option_sections.items():
+        placed = {"help"}  # --help closes the last section rather than opening an "Other options" of its own
+        headings = list(self.option_sections.items())
+        for number, (heading, names) in enumerate(headings, 1):
             rows = [records[n] for n in names if n in records]
             placed.update(names)
+            if number == len(headings) and "help" in records:
+                rows.append(records["help"])
             if rows:
                 with formatter.section(heading):
                     formatter.write_dl(rows)
@@ -60,11 +65,30 @@ class SectionedCommand(click.Command):
                 formatter.write_dl(rest)
 
 
+def envvar_name(command: str, option: str) -> str:
+    """The documented rule: ``MIST_<COMMAND>_<OPTION>``, the command's name and the option's long flag in
+    capitals, dashes as underscores: ``train --out`` reads ``MIST_TRAIN_OUT``, ``push --part-size``
+    ``MIST_PUSH_PART_SIZE``, ``train --json`` ``MIST_TRAIN_JSON`` (never the Python parameter's name)."""
+    return f"MIST_{command}_{option.lstrip('-')}".upper().replace("-", "_")
+
+
+def long_flag(option: click.Option) -> str:
+    """An option's long flag (``--out``), the name its environment variable is made from."""
+    return next((o for o in option.opts if o.startswith("--")), option.opts[0])
+
+
+def refuse_to_replace(path: str | os.PathLike, overwrite: bool, flag: str = "--out") -> None:
+    """Every command that writes a file refuses to replace one unless ``--overwrite`` is given."""
+    if not overwrite and os.path.lexists(path):
+        raise click.UsageError(f"{path} already exists; pass --overwrite to replace it, or another {flag}")
+
+
 def teach(group: click.Group, short_help: dict[str, str], epilogs: dict[str, str],
           sections: dict[str, dict[str, list[str]]], metavars: dict[str, str], option_help: dict[str, str]) -> None:
     """Make ``--help`` teach: a summary that fits, examples in each epilog, every option's environment
-    variable shown, one metavar per concept (``metavars``: option name -> METAVAR) and help for options
-    that lack it. Kept apart from the option definitions, so adding an option stays a one-place change."""
+    variable named by the one rule (``envvar_name``) and shown, one metavar per concept (``metavars``: option
+    name -> METAVAR) and help for options that lack it. Kept apart from the option definitions, so adding an
+    option stays a one-place change."""
     for name, command in group.commands.items():
         if name in short_help:
             command.short_help = short_help[name]
@@ -75,6 +99,13 @@ def teach(group: click.Group, short_help: dict[str, str], epilogs: dict[str, str
         for param in command.params:
             if not isinstance(param, click.Option) or param.name in ("help", "version"):
                 continue
+            # click's automatic name comes from the Python parameter (--out "run_dir" -> MIST_TRAIN_RUN_DIR);
+            # the documented rule takes the flag. An option that also reads a shared variable (the S3
+            # endpoint) keeps it, after this one.
+            wanted = envvar_name(name, long_flag(param))
+            shared = [] if param.envvar is None else [param.envvar] if isinstance(param.envvar, str) else param.envvar
+            param.envvar = [wanted, *(v for v in shared if v != wanted)] if shared else wanted
+            param.allow_from_autoenv = False  # else click falls back to the Python name after the documented one
             param.show_envvar = True
             if param.name in metavars and not param.is_flag:
                 param.metavar = metavars[param.name]

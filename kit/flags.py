@@ -1,5 +1,5 @@
 """Flag types and the one memory flag, shared by ``mist-device`` and ``mist-cloud``: finite numbers in range,
-seeds, sizes, and ``--max-memory``.
+seeds, sizes (one syntax, binary units: ``512M``, ``2G``), and ``--max-memory``.
 
 Everything a command will compute from a flag is checked when click parses it, before any file is opened
 or any array allocated, so a bad value costs nothing and gets one line naming the flag. Pure Python plus
@@ -29,9 +29,22 @@ import click
 from .machine import available_memory
 from .text import format_bytes
 
-# numpy.random.default_rng takes any non-negative integer, torch.manual_seed one below 2**64: the common
-# ground is the signed 64-bit range without its negative half.
-SEED = click.IntRange(0, 2**63 - 1)
+
+class Seed(click.IntRange):
+    """A random seed: numpy.random.default_rng takes any non-negative integer, torch.manual_seed one below
+    2**64; the common ground is the signed 64-bit range without its negative half, shown as ``0<=x<2^63``
+    rather than as its last value's 19 digits."""
+
+    name = "seed"
+
+    def __init__(self) -> None:
+        super().__init__(0, 2**63 - 1)
+
+    def _describe_range(self) -> str:
+        return "0<=x<2^63"
+
+
+SEED = Seed()
 
 
 class LazyChoice(click.Choice):
@@ -73,33 +86,48 @@ def finite_float(minimum: float | None = None, maximum: float | None = None, min
     return FiniteFloat(minimum, maximum, min_open=min_open, max_open=max_open)
 
 
-# ---- memory -----------------------------------------------------------------------------------------------
+# ---- sizes ------------------------------------------------------------------------------------------------
 
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
-          "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
+# One size syntax wherever a command takes a size: a number and a binary unit. K, M, G and T are 1024-based,
+# and so are KiB/MiB/... and KB/MB/... (the same unit spelt three ways, never 1000-based); a bare number is
+# bytes. Sizes print back in the same units (``text.format_bytes``): 512M is shown as "512.0 MiB".
+_UNITS = {"": 1, "b": 1}
+for _power, _letter in enumerate("kmgt", 1):
+    _UNITS.update(dict.fromkeys((_letter, _letter + "b", _letter + "ib"), 1024**_power))
+SIZE_EXAMPLES = "512M, 2G, 1.5G, 64K; binary units: 1M = 1024K = 1,048,576 bytes; a bare number is bytes"
 
 
 def parse_bytes(text: str) -> int:
-    """``"8G"``, ``"512MiB"``, ``"1.5gb"`` or ``"1000000"`` -> bytes. Raises ValueError on anything else."""
+    """``"8G"``, ``"512M"``, ``"512MiB"``, ``"1.5gb"`` or ``"1000000"`` -> bytes, every unit binary (1K = 1024).
+    Raises ValueError on anything else."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
     if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"{text!r} is not a size (e.g. 512M, 8G, 1.5GiB)")
+        raise ValueError(f"{text!r} is not a size (e.g. {SIZE_EXAMPLES})")
     number = float(match.group(1)) * _UNITS[match.group(2).lower()]
     if not math.isfinite(number) or number < 1:
         raise ValueError(f"{text!r} must be a finite size of at least one byte")
     return int(number)
 
 
-class MemorySize(click.ParamType):
+class Size(click.ParamType):
+    """``type=`` for a size flag (``--max-memory 2G``, ``--part-size 64M``): bytes, within [minimum, maximum]."""
+
     name = "size"
 
+    def __init__(self, minimum: int = 1, maximum: int | None = None) -> None:
+        self.minimum, self.maximum = minimum, maximum
+
     def convert(self, value, param, ctx):
-        if isinstance(value, int):
-            return value
         try:
-            return parse_bytes(value)
+            number = value if isinstance(value, int) else parse_bytes(value)
         except ValueError as e:
             self.fail(str(e), param, ctx)
+        if number < self.minimum or (self.maximum is not None and number > self.maximum):
+            bounds = f"at least {format_bytes(self.minimum)}" + (
+                f" and at most {format_bytes(self.maximum)}" if self.maximum is not None else "")
+            self.fail(f"{value!r} is {format_bytes(number)}; it must be {bounds} (sizes take a unit: "
+                      f"{SIZE_EXAMPLES})", param, ctx)
+        return number
 
 
 _MEMORY_KEY = "mist.max_memory"
@@ -110,8 +138,8 @@ def _store_memory(ctx: click.Context, _param: click.Parameter, value: int | None
 
 
 memory_option = click.option(
-    "--max-memory", type=MemorySize(), default=None, callback=_store_memory, expose_value=False,
-    help="Refuse a configuration whose estimated memory exceeds this (e.g. 2G, 512MiB). "
+    "--max-memory", type=Size(), default=None, callback=_store_memory, expose_value=False,
+    help="Refuse a configuration whose estimated memory exceeds this size (e.g. 2G, 512M). "
          "Default: the memory this machine has available now.")
 
 

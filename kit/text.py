@@ -7,6 +7,7 @@ way to write a byte count or a duration.
 - ``csv_cell`` / ``csv_line``: RFC 4180 quoting, and nothing a UTF-8 encoder would refuse.
 - ``json_text``: strict JSON (non-finite floats become null, every non-ASCII code point is escaped).
 - ``format_bytes`` / ``format_duration``: ``1.5 GiB``, ``1:02:03``, for messages, bars and progress lines.
+- ``counted``: ``1 shard``, ``3 shards``.
 
 Standard library only, no NumPy: the CLI modules import this before ``--threads`` has set the BLAS thread count.
 """
@@ -84,6 +85,11 @@ def _strict(value: Any) -> Any:
 def json_text(obj: Any, indent: int | None = 2) -> str:
     """Strict JSON any parser accepts: NaN/inf become null, lone surrogates become escapes, output is ASCII."""
     return json.dumps(_strict(obj), indent=indent, ensure_ascii=True, allow_nan=False)
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``1 shard``, ``2 shards``, ``1,200 rows``: a count and its noun, which agree."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
 
 
 def format_bytes(n: float) -> str:

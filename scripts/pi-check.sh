@@ -144,8 +144,9 @@ command -v update-binfmts >/dev/null || need+=(binfmt-support)
 command -v zstd >/dev/null || need+=(zstd)
 if [ ${#need[@]} -gt 0 ]; then
     say "installing ${need[*]}"
-    timed apt_install sh -c "apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -q --no-install-recommends ${need[*]} >/dev/null" || die "apt-get install ${need[*]} failed"
+    # apt_get (scripts/apt.sh) waits for a busy package manager, up to MIST_APT_WAIT seconds
+    timed apt_install bash -c ". scripts/apt.sh && apt_get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive \
+        apt_get install -y -q --no-install-recommends ${need[*]} >/dev/null" || die "apt-get install ${need[*]} failed"
 fi
 HOST_ARCH=$(uname -m)
 [ "$HOST_ARCH" = x86_64 ] || say "warning: the host is $HOST_ARCH, not x86_64; the comparison is still made"
@@ -211,7 +212,8 @@ esac
 
 # ---- 3. the arm64 root filesystem ---------------------------------------------------------------------------
 
-MIRROR=${PI_MIRROR:-$("$PY" "$HELPER" mirror "$PI_SUITE")}
+MIRROR=${PI_MIRROR:-$("$PY" "$HELPER" mirror "$PI_SUITE" || true)}
+[ -n "$MIRROR" ] || die "no Debian mirror configured in /etc/apt/sources.list(.d); set PI_MIRROR to one that carries arm64"
 ROOTFS_FROM=cache
 if [ -f "$ROOTFS_TAR" ]; then
     say "unpacking the cached root filesystem $ROOTFS_TAR"

@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
 # Set up a fresh machine for mist: a virtual environment with the cloud, test, benchmark and s3 extras, and
 # (as root, on Debian) the Fashion-MNIST package that the main job and the accuracy tests read, and dosfstools.
-# Idempotent: a second run only checks that everything is there.
+# Idempotent: a second run only checks that everything is there. Packages come from the package index and
+# the Debian sources this machine is configured with (pip's and apt's own settings); no host is named here.
+# A busy package manager (another apt or dpkg holding its lock) is waited for, up to MIST_APT_WAIT seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/apt.sh
+. scripts/apt.sh
 
 VENV=${MIST_VENV:-.venv}
 PY=${PYTHON:-python3}
+if [ "${MIST_TORCH:-}" = cpu ] && [ -z "${MIST_TORCH_INDEX:-}" ]; then
+    echo "setup: MIST_TORCH=cpu needs MIST_TORCH_INDEX, the URL of a package index that holds CPU-only torch" \
+         "builds (PyTorch's install instructions name one)" >&2
+    exit 2
+fi
 
 if [ ! -d /usr/share/datasets/fashion-mnist ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "setup: installing Debian's dataset-fashion-mnist"
-        apt-get update -q >/dev/null
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends dataset-fashion-mnist >/dev/null
+        apt_get update -q >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt_get install -y -q --no-install-recommends dataset-fashion-mnist >/dev/null
     else
         echo "setup: /usr/share/datasets/fashion-mnist is missing; as root run:" \
              "apt-get install dataset-fashion-mnist" >&2
@@ -23,8 +32,8 @@ fi
 if ! command -v mkfs.vfat >/dev/null && [ ! -x /usr/sbin/mkfs.vfat ] && [ ! -x /sbin/mkfs.vfat ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "setup: installing Debian's dosfstools"
-        apt-get update -q >/dev/null
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends dosfstools >/dev/null
+        apt_get update -q >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt_get install -y -q --no-install-recommends dosfstools >/dev/null
     else
         echo "setup: mkfs.vfat is missing (the FAT32 shipping test will skip); as root run:" \
              "apt-get install dosfstools" >&2
@@ -44,13 +53,15 @@ if ! "$VENV/bin/python" -c "import mist.cloud, mist.device, mist.kit, mist.ship,
         aarch64) TORCH="torch==2.9.1 torchvision==0.24.1" ;;
         *) TORCH="torch torchvision" ;;
     esac
-    # MIST_TORCH=cpu (opt-in): the CPU-only builds of the same pair from PyTorch's CPU index (no CUDA
-    # libraries). Off by default: that index is not reachable on every machine (not on this one), and here the
-    # one CPU-only file on the local disk, torch 2.13.0, breaks torchvision.
+    # MIST_TORCH=cpu (opt-in): the CPU-only builds of the same pair (no CUDA libraries), from the index named by
+    # MIST_TORCH_INDEX (PyTorch's CPU-only index, or a mirror of it), added beside pip's configured index.
+    # Off by default: such an index is not reachable on every machine (not on this one), and here the one
+    # CPU-only file on the local disk, torch 2.13.0, breaks torchvision.
     TORCH_INDEX=()
     if [ "${MIST_TORCH:-}" = cpu ]; then
-        TORCH_INDEX=(--index-url "${MIST_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
-                     --extra-index-url https://pypi.org/simple)
+        TORCH_INDEX=(--extra-index-url "$MIST_TORCH_INDEX")
+        # x86_64's CPU builds carry a local version tag; aarch64's wheels are CPU-only already
+        [ "$(uname -m)" = x86_64 ] && TORCH=$(echo "$TORCH" | sed -E 's/(==[0-9.]+)/\1+cpu/g')
     fi
     echo "setup: installing $TORCH${MIST_TORCH:+ ($MIST_TORCH build)} and mist[cloud,test,bench,plots,s3,serve,sign]" \
          "(several GB the first time)"

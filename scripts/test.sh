@@ -7,4 +7,5 @@ bash scripts/setup.sh
 VENV=${MIST_VENV:-.venv}
 "$VENV/bin/ruff" check .
 export HF_HUB_OFFLINE=1
-"$VENV/bin/python" -m pytest -q "$@"
+# -rs: why each skipped test skipped; --durations: the 25 slowest, to see where the time goes.
+"$VENV/bin/python" -m pytest -q -rs --durations=25 "$@"

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, TextIO
 
 import click
 
-from mist.kit.flags import finite_float
+from mist.kit.flags import Size
 from mist.kit.progress import MODES
+from mist.kit.text import counted
 
 from .trust import current_trust, trust_options
 
@@ -38,19 +39,20 @@ OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace a different 
 
 
 def run_copy(verb: str, source: str, destination: str, endpoint_url: str | None = None, overwrite: bool = False,
-             max_rate_mib: float | None = None, part_size_mib: int | None = None, as_json: bool = False,
+             max_rate: int | None = None, part_size: int | None = None, as_json: bool = False,
              progress: str = "auto", out: TextIO | None = None, trust=None) -> Report:
-    """What ``push`` and ``pull`` do: open both ends, copy with progress, print a line or JSON."""
+    """What ``push`` and ``pull`` do: open both ends, copy with progress, print a line or JSON.
+    ``max_rate`` is bytes per second, ``part_size`` bytes."""
     from .copy import copy_set
     from .progress import choose_progress, summary_line
     from .store import open_store
 
     out = out or sys.stdout
     src = open_store(source, endpoint_url)
-    dst = open_store(destination, endpoint_url, part_size=part_size_mib << 20 if part_size_mib else None)
+    dst = open_store(destination, endpoint_url, part_size=part_size)
     shown = choose_progress("none" if as_json and progress == "auto" else progress, verb)
     report = copy_set(src, dst, shown, overwrite=overwrite,
-                      max_rate=max_rate_mib * (1 << 20) if max_rate_mib else None, trust=trust)
+                      max_rate=max_rate, trust=trust)
     out.write((json.dumps(report.to_json(), indent=2) if as_json else summary_line(verb, report)) + "\n")
     out.flush()
     return report
@@ -70,7 +72,8 @@ def verify_url(location: str, endpoint_url: str | None = None, as_json: bool = F
     if as_json:
         out.write(json.dumps(report.to_json(), indent=2) + "\n")
     else:
-        out.write(f"ok: {report.source} ({report.rows:,} rows, {len(report.shards)} shards, checksums match)\n")
+        out.write(f"ok: {report.source} ({counted(report.rows, 'row')}, {counted(len(report.shards), 'shard')}, "
+                  "checksums match)\n")
     out.flush()
     return report
 
@@ -79,25 +82,27 @@ def verify_url(location: str, endpoint_url: str | None = None, as_json: bool = F
 Examples:
   mist-cloud push feats/train /media/usb/fmnist-train
   mist-cloud push feats/train s3://mist-sets/fmnist/train --endpoint-url http://minio.lan:9000
-  mist-cloud push feats/train s3://mist-sets/fmnist/train --part-size 128 --json""")
+  mist-cloud push feats/train s3://mist-sets/fmnist/train --part-size 128M --max-rate 20M --json""")
 @click.argument("feature_set")
 @click.argument("destination")
 @endpoint_option("push")
-@click.option("--part-size", type=click.IntRange(5, 5120), default=64,
-              help="MiB per part; larger shards upload in parts, each retried with backoff.")
+@click.option("--part-size", type=Size(5 << 20, 5 << 30), default="64M", metavar="SIZE",
+              help="Upload part size (5M to 5G, S3's limits); larger shards upload in parts, each retried with "
+                   "backoff.")
 @OVERWRITE
-@click.option("--max-rate", type=finite_float(0, min_open=True), default=None, help="Cap at this many MiB/s.")
+@click.option("--max-rate", type=Size(1 << 10), default=None, metavar="SIZE",
+              help="Cap the copy at this size per second, e.g. 20M (MiB/s).")
 @PROGRESS
 @JSON
 def push(feature_set: str, destination: str, endpoint_url: str | None, part_size: int, overwrite: bool,
-         max_rate: float | None, progress: str, as_json: bool) -> None:
+         max_rate: int | None, progress: str, as_json: bool) -> None:
     """Ship FEATURE_SET to DESTINATION: s3://bucket/prefix, or a folder such as a mounted USB stick.
 
     Every shard's sha256 is checked as it is read and the object is committed only when it matches; the
     manifest goes last. Rerun after an interruption: shards already there and verified are skipped.
     """
-    run_copy("push", feature_set, destination, endpoint_url, overwrite=overwrite, max_rate_mib=max_rate,
-             part_size_mib=part_size, as_json=as_json, progress=progress)
+    run_copy("push", feature_set, destination, endpoint_url, overwrite=overwrite, max_rate=max_rate,
+             part_size=part_size, as_json=as_json, progress=progress)
 
 
 @click.command(short_help="Copy a feature set from a USB stick or a bucket, verified.", epilog="""\b
@@ -109,12 +114,12 @@ Examples:
 @click.argument("destination")
 @endpoint_option("pull")
 @OVERWRITE
-@click.option("--max-rate", type=finite_float(0, min_open=True), default=None,
-              help="Cap the copy at this many MiB/s (a shared link).")
+@click.option("--max-rate", type=Size(1 << 10), default=None, metavar="SIZE",
+              help="Cap the copy at this size per second, e.g. 20M (MiB/s), on a shared link.")
 @PROGRESS
 @JSON
-@trust_options("pull")
-def pull(source: str, destination: str, endpoint_url: str | None, overwrite: bool, max_rate: float | None,
+@trust_options
+def pull(source: str, destination: str, endpoint_url: str | None, overwrite: bool, max_rate: int | None,
          progress: str, as_json: bool) -> None:
     """Copy the feature set at SOURCE to DESTINATION, verified, resumable, manifest last.
 
@@ -123,7 +128,7 @@ def pull(source: str, destination: str, endpoint_url: str | None, overwrite: boo
     interrupted pull resumes when rerun. Files and the folder are fsynced before it reports success. The
     manifest's signature is checked (--signatures) before any shard is copied.
     """
-    run_copy("pull", source, destination, endpoint_url, overwrite=overwrite, max_rate_mib=max_rate,
+    run_copy("pull", source, destination, endpoint_url, overwrite=overwrite, max_rate=max_rate,
              as_json=as_json, progress=progress, trust=current_trust())
 
 

@@ -11,7 +11,7 @@ import time
 from typing import TextIO
 
 from mist.kit.progress import LineLog, TerminalBar, gauge, resolve_mode
-from mist.kit.text import format_bytes, format_duration
+from mist.kit.text import counted, format_bytes, format_duration
 
 from .copy import Progress, Report
 
@@ -82,6 +82,7 @@ def choose_progress(mode: str, label: str, stream: TextIO | None = None) -> Prog
 def summary_line(verb: str, report: Report) -> str:
     copied, skipped = report.count("copied"), report.count("skipped")
     rate = format_bytes(report.bytes_total / report.seconds) + "/s" if report.seconds > 0 else "-"
-    return (f"{verb} {report.source} -> {report.destination}: {report.rows:,} rows in {len(report.shards)} shards "
+    return (f"{verb} {report.source} -> {report.destination}: {counted(report.rows, 'row')} in "
+            f"{counted(len(report.shards), 'shard')} "
             f"({copied} copied, {skipped} already there), {report.bytes_total:,} bytes in {report.seconds:.2f}s "
             f"({rate}); every checksum matches")

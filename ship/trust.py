@@ -40,26 +40,22 @@ def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> None:
     ctx.meta[_META + param.name] = value
 
 
-def trust_options(command: str):
-    """``--signatures`` and ``--trusted-key`` for ``command``, read back with ``current_trust()`` inside it. Each
-    reads ``MIST_<COMMAND>_<OPTION>`` like every option, else the variable a whole device shares."""
-    upper = command.upper()
-
-    def add(f):
-        f = click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(exists=True),
-                         envvar=[f"MIST_{upper}_TRUSTED_KEYS", KEYS_ENV], callback=_remember, expose_value=False,
-                         metavar="FILE|DIR",
-                         help="A public key file (mist-ed25519 lines; `keygen` writes KEY.pub) or a folder of *.pub "
-                              "files to trust; repeat it to trust several keys (rotation). The variables take paths "
-                              f"separated by ':'; ${KEYS_ENV} serves every command.")(f)
-        return click.option("--signatures", type=LazyChoice(_policies), default="when-present",
-                            envvar=[f"MIST_{upper}_SIGNATURES", POLICY_ENV], callback=_remember, expose_value=False,
-                            help="require: refuse a feature set or adaptor without a valid signature by a trusted "
-                                 "key; when-present: check a signature when there is one (an unsigned file passes, "
-                                 f"with a warning once keys are trusted); off: do not look. ${POLICY_ENV} serves "
-                                 "every command.")(f)
-
-    return add
+def trust_options(f):
+    """``--signatures`` and ``--trusted-key`` for a command, read back with ``current_trust()`` inside it. Each
+    reads ``MIST_<COMMAND>_<OPTION>`` like every option (kit.cli.teach names it), else the variable a whole
+    device shares."""
+    f = click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(exists=True),
+                     envvar=[KEYS_ENV], callback=_remember, expose_value=False,
+                     metavar="FILE|DIR",
+                     help="A public key file (mist-ed25519 lines; `keygen` writes KEY.pub) or a folder of *.pub "
+                          "files to trust; repeat it to trust several keys (rotation). The variables take paths "
+                          f"separated by ':'; ${KEYS_ENV} serves every command.")(f)
+    return click.option("--signatures", type=LazyChoice(_policies), default="when-present",
+                        envvar=[POLICY_ENV], callback=_remember, expose_value=False,
+                        help="require: refuse a feature set or adaptor without a valid signature by a trusted "
+                             "key; when-present: check a signature when there is one (an unsigned file passes, "
+                             f"with a warning once keys are trusted); off: do not look. ${POLICY_ENV} serves "
+                             "every command.")(f)
 
 
 def current_trust() -> Trust:
@@ -82,10 +78,10 @@ def _read_sign_key(ctx: click.Context, param: click.Parameter, value: str | None
     return read_signing_key(value)  # a bad key fails here, before any work
 
 
-def sign_key_option(command: str, what: str):
-    """``--sign-key FILE`` for ``command``: sign ``what`` with this secret key."""
+def sign_key_option(what: str):
+    """``--sign-key FILE``: sign ``what`` with this secret key."""
     return click.option("--sign-key", type=click.Path(exists=True, dir_okay=False), default=None,
-                        envvar=[f"MIST_{command.upper()}_SIGN_KEY", SIGN_KEY_ENV], callback=_read_sign_key,
+                        envvar=[SIGN_KEY_ENV], callback=_read_sign_key,
                         metavar="KEY",
                         help=f"Sign {what} with this secret key (`keygen` makes one; needs mist-tuning[sign]). "
                              "Devices that trust KEY.pub can then refuse anything else.")

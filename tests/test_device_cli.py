@@ -75,11 +75,16 @@ def test_evaluate_text_and_json(trained, sets):
     confusion = np.array(report["confusion"])
     assert confusion.sum() == 597
     assert np.trace(confusion) / 597 == pytest.approx(report["accuracy"])
+    # The text matrix numbers its columns as its rows, and each row is that class's counts.
+    lines = text.split("confusion (rows: true class, columns: predicted class, numbered as the rows)\n")[1].splitlines()
+    assert lines[0].split() == [str(j) for j in range(10)]
+    for i, line in enumerate(lines[1:11]):
+        assert [int(v) for v in line.split()[2:]] == confusion[i].tolist() and line.split()[:2] == [str(i), str(i)]
 
 
 def test_predict_matches_evaluate(trained, sets, tmp_path):
     out = tmp_path / "pred.json"
-    run("predict", trained, sets["test"], "--format", "json", "--top-k", "3", "--output", out)
+    run("predict", trained, sets["test"], "--format", "json", "--top-k", "3", "--out", out)
     records = json.loads(out.read_text())
     assert len(records) == 597 and len(records[0]["top"]) == 3
     accuracy = np.mean([r["prediction"] == r["label"] for r in records])
@@ -92,7 +97,7 @@ def test_predict_matches_evaluate(trained, sets, tmp_path):
 
 def test_export_is_slim_and_usable(trained, sets, tmp_path):
     out = tmp_path / "adaptor.safetensors"
-    run("export", trained, out)
+    run("export", trained, "--out", out)
     slim = load_checkpoint(out)
     assert not slim.resumable and not slim.optimizer
     assert out.stat().st_size < (trained / "best.safetensors").stat().st_size
@@ -190,7 +195,7 @@ def test_existing_run_is_not_silently_overwritten(sets, tmp_path):
     assert result.exit_code == 1 and "already holds a run" in result.output
     run("train", sets["train"], "--out", run_dir, *FAST, "--epochs", "2", "--overwrite")
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
-    result = run("export", run_dir / "last.safetensors", run_dir / "last.safetensors", ok=False)
+    result = run("export", run_dir / "last.safetensors", "--out", run_dir / "last.safetensors", ok=False)
     assert result.exit_code == 2 and "choose another output file" in result.output
     assert load_checkpoint(run_dir / "last.safetensors").resumable
 

@@ -91,8 +91,8 @@ def test_auto_picks_on_validation_and_every_command_takes_the_result(sets, tmp_p
     assert load_checkpoint(probe_path).kind == "probe"
     report = json.loads(run("evaluate", probe_path, test, "--json").output)
     assert report["accuracy"] > 0.85
-    assert run("predict", probe_path, test, "--output", tmp_path / "p.csv").exit_code == 0
-    assert run("export", probe_path, tmp_path / "slim.safetensors").exit_code == 0
+    assert run("predict", probe_path, test, "--out", tmp_path / "p.csv").exit_code == 0
+    assert run("export", probe_path, "--out", tmp_path / "slim.safetensors").exit_code == 0
     slim = load_checkpoint(tmp_path / "slim.safetensors")
     assert slim.kind == "probe" and not slim.resumable
     assert json.loads(run("evaluate", tmp_path / "slim.safetensors", test, "--json").output)["accuracy"] == \

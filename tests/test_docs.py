@@ -160,11 +160,13 @@ def test_help_teaches(prog: str) -> None:
         for param in command.params:
             if isinstance(param, click.Option) and param.name not in ("help", "version"):
                 assert param.help, f"{prog} {name} {param.opts[0]}: no help text"
-                env = f"MIST_{name.upper()}_{param.name.upper()}"
+                flag = next(o for o in param.opts if o.startswith("--"))  # the rule takes the flag's name
+                env = f"MIST_{name.upper()}_{flag[2:].upper().replace('-', '_')}"
                 assert env in text.replace("\n", "").replace(" ", ""), f"{prog} {name}: {env} is not shown"
     train = help_text(device_main, "train")
     assert "--out RUN_DIR" in train and "--val FEATURE_SET" in train
-    for heading in ("Data:", "Adaptor:", "Optimisation:", "Checkpoints and progress:"):
+    for heading in ("Start here: model, search, validation, epochs:", "Adaptor:", "Optimisation:",
+                    "Checkpoints, progress and resources:"):
         assert heading in train
     extract = help_text(cloud_main, "extract")
     assert "--out FEATURE_SET" in extract and "--data SOURCE" in extract and "What ships:" in extract

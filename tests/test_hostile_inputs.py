@@ -158,8 +158,8 @@ DEVICE_CASES = {
     "config not JSON": (cmd("evaluate", ckpt(config="{not json")), 1, "not valid JSON"),
     "feature_set no layout": (cmd("predict", ckpt(feature_set={"fingerprint": "x"})), 1, "layout"),
     "infinite weights": (cmd("evaluate", nan_head), 1, "NaN or infinite"),
-    "export refuses short classes": (cmd("export", ckpt(classes=["0"]), "OUT", with_set=False), 1, "classes"),
-    "export refuses infinite weights": (cmd("export", nan_head, "OUT", with_set=False), 1, "NaN or infinite"),
+    "export refuses short classes": (cmd("export", ckpt(classes=["0"]), "--out", "OUT", with_set=False), 1, "classes"),
+    "export refuses infinite weights": (cmd("export", nan_head, "--out", "OUT", with_set=False), 1, "NaN or infinite"),
     # feature sets
     "shard listed twice": (shard_listed_twice, 1, "a second time"),
     "duplicate row ids": (duplicate_ids, 1, "more than one row"),
@@ -210,7 +210,7 @@ def test_read_only_output_names_the_path(fx, tmp_path):
     out.mkdir()
     out.chmod(0o555)
     try:
-        result = run_cli("device", "predict", fx["run"], fx["test"], "--output", out / "p.csv")
+        result = run_cli("device", "predict", fx["run"], fx["test"], "--out", out / "p.csv")
         assert_one_line_error(result, 1, str(out / "p.csv"))
     finally:
         out.chmod(0o755)
@@ -249,7 +249,7 @@ def test_any_class_name_gives_valid_csv_json_and_safe_text(tmp_path):
     assert shown <= (set(HOSTILE_NAMES) - {"\ud800"}) | {"\\ud800"}, shown
     assert "\x1b[31mred\x1b[0m" in shown  # exact: click strips ESC sequences off a pipe unless told not to
     out = tmp_path / "p.csv"
-    assert run_cli("device", "predict", run_dir, named, "--top-k", "3", "--output", out).code == 0
+    assert run_cli("device", "predict", run_dir, named, "--top-k", "3", "--out", out).code == 0
     assert list(csv.reader(io.StringIO(out.read_text("utf-8"), newline="")))[1:] == rows[1:]
 
 
@@ -296,7 +296,7 @@ def test_cloud_refuses_in_one_line_and_alters_nothing(cloud_fx, tmp_path, name):
 @pytest.mark.slow
 def test_export_carries_no_local_path_and_still_predicts(fx, tmp_path):
     out = tmp_path / "adaptor.safetensors"
-    assert run_cli("device", "export", fx["run"], out).code == 0
+    assert run_cli("device", "export", fx["run"], "--out", out).code == 0
     blob = out.read_bytes()
     assert str(fx["root"]).encode() not in blob and b'"directory"' not in blob
     direct = run_cli("device", "predict", fx["run"], fx["test"])

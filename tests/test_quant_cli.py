@@ -81,7 +81,7 @@ def test_convert_resumes_after_a_crash(float_set: Path, tmp_path: Path) -> None:
     atomic_write_json(crashed / "manifest.json", m.with_shards(m.shards[:1], complete=False).to_json())
     (crashed / "shard-00002.safetensors").write_bytes(b"half a shard")
     result = invoke(cloud, "convert", float_set, "--dtype", "int4", "--out", crashed)
-    assert "resuming: 16 rows in 1 shards" in result.output
+    assert "resuming: 16 rows in 1 shard " in result.output
     assert shard_digests(crashed) == shard_digests(clean) and len(shard_digests(clean)) == 3
     assert FeatureSet(crashed, verify=True).ids.tolist() == FeatureSet(float_set).ids.tolist()
 

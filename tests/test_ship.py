@@ -144,7 +144,7 @@ def test_large_shards_upload_in_parts(endpoint, s3, tmp_path):
     source = tmp_path / "big"
     bigger_set(source, rows=100, shard_rows=96, tokens=64, dim=256, dtype="float32")  # a 12.6 MB shard
     url = f"s3://{BUCKET}/sets/big"
-    ok(cli("mist-cloud", "push", source, url, "--part-size", "5"))
+    ok(cli("mist-cloud", "push", source, url, "--part-size", "5M"))
     head = s3.head_object(Bucket=BUCKET, Key="sets/big/shard-00000.safetensors")
     assert head["ETag"].strip('"').endswith("-3")  # three parts of 5 MiB, 5 MiB and the rest
     manifest = json.loads((source / "manifest.json").read_text())
@@ -162,7 +162,7 @@ def test_pull_killed_mid_transfer_resumes_and_ends_byte_identical(endpoint, tmp_
     url = f"s3://{BUCKET}/sets/killed"
     push_in_process(source, "sets/killed")
     dest = tmp_path / "sd" / "set"
-    proc = subprocess.Popen([str(BIN / "mist-device"), "pull", url, dest, "--max-rate", "1"],
+    proc = subprocess.Popen([str(BIN / "mist-device"), "pull", url, dest, "--max-rate", "1M"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 30

@@ -46,8 +46,8 @@ def signed(tmp_path_factory) -> dict[str, Path]:
     ok(run_cli("cloud", "sign", test, "--key", keys / "new"))  # a rotation: the test set comes later
     run_dir = root / "run"
     ok(run_cli("device", "train", train, "--out", run_dir, *TRAIN))
-    ok(run_cli("device", "export", run_dir, root / "owner.safetensors", "--sign-key", keys / "new"))
-    ok(run_cli("device", "export", run_dir, root / "stranger.safetensors", "--sign-key", keys / "stranger"))
+    ok(run_cli("device", "export", run_dir, "--out", root / "owner.safetensors", "--sign-key", keys / "new"))
+    ok(run_cli("device", "export", run_dir, "--out", root / "stranger.safetensors", "--sign-key", keys / "stranger"))
     trusted = root / "trusted"  # the device's folder of public keys: both of the owner's, after the rotation
     trusted.mkdir()
     for name in ("old", "new"):
@@ -181,7 +181,7 @@ def test_flipped_weight_is_refused_on_every_load(signed, tmp_path):
     with pytest.raises(FormatError, match="does not match its digest"):
         load_checkpoint(forged)
     for command in (["evaluate", forged, signed["test"]], ["predict", forged, signed["test"]],
-                    ["export", forged, tmp_path / "out.safetensors"]):
+                    ["export", forged, "--out", tmp_path / "out.safetensors"]):
         assert_one_line_error(run_cli("device", *command), 1, f"tensor {name!r} does not match its digest")
     assert not (tmp_path / "out.safetensors").exists()
     # metadata edited (another class order) is caught too, by the metadata digest

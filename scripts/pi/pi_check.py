@@ -56,7 +56,9 @@ def copy_source(repo: Path, dest: Path) -> None:
 
 
 def apt_mirror(suite: str) -> str:
-    """The first enabled `deb` source whose suites include SUITE, from sources.list(.d) in either format."""
+    """The Debian mirror this machine's apt is configured with: the first enabled http(s) `deb` source whose
+    suites include SUITE, else the first Debian archive (a mirror carries every suite), from
+    sources.list(.d) in either format. No mirror is named here; with none configured it says so and exits."""
     candidates: list[tuple[str, list[str]]] = []
     files = [Path("/etc/apt/sources.list")] + sorted(Path("/etc/apt/sources.list.d").glob("*"))
     for path in files:
@@ -85,10 +87,15 @@ def apt_mirror(suite: str) -> str:
                 line = re.sub(r"\[[^\]]*\]", " ", line.split("#", 1)[0]).split()
                 if len(line) >= 3 and line[0] == "deb":
                     candidates.append((line[1], [line[2]]))
-    for uri, suites in candidates:
-        if suite in suites and uri.startswith(("http://", "https://")):
+    web = [(uri, suites) for uri, suites in candidates if uri.startswith(("http://", "https://"))]
+    for uri, suites in web:
+        if suite in suites:
             return uri.rstrip("/")
-    return "http://deb.debian.org/debian"
+    for uri, _suites in web:  # a Debian archive (its path is .../debian on every mirror) serves every suite
+        if uri.rstrip("/").endswith("/debian"):
+            return uri.rstrip("/")
+    sys.exit(f"mirror: no http(s) Debian source in /etc/apt/sources.list(.d) to take {suite} from; "
+             "set PI_MIRROR to a Debian mirror that carries arm64")
 
 
 # ---- pip-conf --------------------------------------------------------------------------------------------

@@ -29,8 +29,8 @@ step verify-test mist-device verify "$test_set"
 step info mist-device info "$train_set"
 step train mist-device train "$train_set" --out "$out/run" "$@"
 step evaluate to_file "$out/evaluate.json" mist-device evaluate --threads 1 --json "$out/run/last.safetensors" "$test_set"
-step predict mist-device predict --threads 1 --format csv --output "$out/predictions.csv" \
+step predict mist-device predict --threads 1 --format csv --out "$out/predictions.csv" \
     "$out/run/last.safetensors" "$test_set"
-step export mist-device export "$out/run/last.safetensors" "$out/adaptor.safetensors"
+step export mist-device export "$out/run/last.safetensors" --out "$out/adaptor.safetensors"
 step evaluate-export to_file "$out/evaluate-export.json" \
     mist-device evaluate --threads 1 --json "$out/adaptor.safetensors" "$test_set"
