@@ -61,7 +61,16 @@ from .cli_options import KIND_CHOICE, open_set, progress_option, threads_option
                    "every step or every --log-every N.")
 @click.option("--model", "model_kind", type=KIND_CHOICE, default="lae",
               help="lae: the adaptor; probe: standardised logistic regression (pooled and flattened, several L2) "
-              "chosen on validation; auto: probes and adaptors (--grid) in one validated search, keeping the best.")
+              "chosen on validation; auto: probes and adaptors in one validated search, keeping the best (without "
+              "--grid: adaptors of lr 1e-3,3e-3 x blocks 1,2,4 by successive halving within --budget), refitted "
+              "on every training row.")
+@click.option("--budget", default="4x", show_default=True, metavar="Nx|Ns",
+              help="--model auto without --grid: the adaptors' training time, as a multiple of one plain run "
+              "(mist's default adaptor for --epochs, measured on its first epoch) or in seconds ('90s'); the "
+              "worst adaptors stop early to keep to it, and grid.json lists them.")
+@click.option("--refit/--no-refit", "refit_all", default=True, show_default=True,
+              help="After a search chooses on --val-split rows, train the chosen model again on every training "
+              "row (the chosen adaptor for the epochs it trained); --no-refit keeps its best epoch.")
 @click.option("--grid", default=None,
               help="Search adaptor settings: every combination of 'KEY=V1,V2 KEY=...' (or a file holding that "
               "text), keys lr, wd, ls, blocks, rank, heads, pos, trained in one pass over the data; the best on "
@@ -80,7 +89,8 @@ def train(train_set: str, run_dir: str, val_set: str | None, val_split: float, r
           min_lr: float, weight_decay: float, warmup: float, label_smoothing: float, grad_clip: float,
           seed: int, save_every: int, resume: bool, overwrite: bool, no_verify: bool, warmup_fraction: float,
           val_seed: int | None, progress: str, log_every: int, step_metrics: bool, model_kind: str,
-          grid: str | None, probe_features: str, pos_embed: bool, patience: int) -> None:
+          grid: str | None, probe_features: str, pos_embed: bool, patience: int, budget: str,
+          refit_all: bool) -> None:
     """Train on TRAIN_SET, a feature set written by `mist-cloud extract`: the LAE adaptor (--model lae),
     linear probes (--model probe), or all of them in one validated search that keeps the best (--model auto).
 
@@ -92,6 +102,7 @@ def train(train_set: str, run_dir: str, val_set: str | None, val_split: float, r
 
     from .grid import run_search, search_plan
     from .memory import training_bytes
+    from .search import DEFAULT_SPACE, parse_budget
     from .train import Trainer, TrainOptions, build_config
 
     if resume and overwrite:
@@ -102,6 +113,13 @@ def train(train_set: str, run_dir: str, val_set: str | None, val_split: float, r
     if val_set is not None:
         val_fs = open_set(val_set, verify=not no_verify, trust=trust)
         check_compatible(train_fs.manifest, val_fs.manifest)
+    if model_kind == "probe":  # the probe reads only the set's sizes from the adaptor config: no rank to check
+        rank = heads = 1
+    halving = model_kind == "auto" and grid is None
+    try:
+        budget_spec = parse_budget(budget) if halving else None
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     try:
         cfg = build_config(train_fs, rank=rank, heads=heads, blocks_per_group=blocks_per_group, pool=pool,
                            input_scale=input_scale, pos_embed=pos_embed)
@@ -112,7 +130,8 @@ def train(train_set: str, run_dir: str, val_set: str | None, val_split: float, r
                         val_split=0.0 if val_fs is not None else val_split, save_every=save_every,
                         warmup_fraction=warmup_fraction, val_seed=val_seed)
     try:
-        members, fitted = search_plan(model_kind, cfg, opts, {"grid": grid, "probe_features": probe_features})
+        members, fitted = search_plan(model_kind, cfg, opts, {"grid": DEFAULT_SPACE if halving else grid,
+                                                              "probe_features": probe_features})
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     # One adaptor and nothing else is a plain run (last/best/metrics); anything more is a search.
@@ -127,7 +146,7 @@ def train(train_set: str, run_dir: str, val_set: str | None, val_split: float, r
     require_memory(estimate, what)
     if search:
         run_search(run_dir, train_fs, val_fs, cfg, members, fitted, opts, patience, estimate, resume, overwrite,
-                   log=click.echo)
+                   log=click.echo, budget=budget_spec, refit_all=refit_all, progress=progress)
         return
     trainer = Trainer(run_dir, train_fs, val_fs, cfg, opts, log=click.echo, patience=patience)
     if trainer.warmup_warning:

@@ -75,9 +75,11 @@ class Trainer:
     def __init__(self, run_dir: str | Path, train_set: FeatureSet, val_set: FeatureSet | None,
                  cfg: Any, opts: TrainOptions, log: Callable[[str], None] = print,
                  members: dict[str, tuple[Any, TrainOptions]] | None = None, fitted: list[Any] = (),
-                 search: bool = False, patience: int = 0):
+                 search: bool = False, patience: int = 0,
+                 after_epoch: Callable[[Trainer, int], None] | None = None):
         self.run_dir, self.train_set, self.val_set = Path(run_dir), train_set, val_set
         self.opts, self.log, self.search, self.patience = opts, log, search, patience
+        self.after_epoch = after_epoch  # a search's halving (device/search.py): may stop members
         if len(train_set) == 0:
             raise TrainingError(f"{train_set.directory}: the training set is empty")
         split_seed = opts.seed if opts.val_seed is None else opts.val_seed
@@ -124,7 +126,10 @@ class Trainer:
 
     # ---- the loop ----
 
-    def fit(self, resume: bool = False, overwrite: bool = False, progress: Callable | None = None) -> dict[str, Any]:
+    def fit(self, resume: bool = False, overwrite: bool = False, progress: Callable | None = None,
+            until: int | None = None) -> dict[str, Any]:
+        """Train to the end of the schedule, or stop after epoch ``until`` of it (a refit replays the epochs
+        its search chose, on the same cosine)."""
         if resume and overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -147,7 +152,8 @@ class Trainer:
         if len(self.fitted) < len(self.fitted_cfgs):
             self._fit_models()
             run_state.save(self)
-        while self.state["epoch"] < self.opts.epochs and any(not m.state["stopped"] for m in self.members):
+        last = self.opts.epochs if until is None else min(until, self.opts.epochs)
+        while self.state["epoch"] < last and any(not m.state["stopped"] for m in self.members):
             self._epoch(progress)
         return {"epochs": self.state["epoch"], "steps": self.state["step"], "elapsed_s": self.state["elapsed"],
                 "best_val": self.members[0].state["best_val"] if self.members else None,
@@ -204,6 +210,8 @@ class Trainer:
         seconds = time.perf_counter() - t0
         improved = self._validate(active, epoch)
         self.state.update(epoch=epoch + 1, batch=0)
+        if self.after_epoch is not None:
+            self.after_epoch(self, epoch + 1)
         self.state["elapsed"] += time.perf_counter() - t0
         if self.search:  # one line per member still training: report draws the chosen one's curves
             records = [self._member_record(m, epoch) for m in active]
@@ -244,6 +252,7 @@ class Trainer:
             else:  # without validation, "best" is the lowest training loss
                 acc, loss = -s["last_train_loss"], s["last_train_loss"]
             s.update(loss_sum=0.0, correct=0, seen=0)
+            s["val_history"] = [*s.get("val_history", []), acc]  # a search scores its recent epochs (search.py)
             if s["best_val"] is None or acc > s["best_val"]:
                 s.update(best_val=acc, best_loss=loss, best_epoch=epoch + 1, bad_epochs=0)
                 if m.best is not None:
