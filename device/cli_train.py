@@ -18,8 +18,9 @@ from .cli_options import KIND_CHOICE, open_set, progress_option, threads_option
               help="Run directory: checkpoints (last, best) and metrics.jsonl.")
 @click.option("--val", "val_set", type=click.Path(exists=True, file_okay=False), default=None,
               help="A validation feature set (must be compatible with the training set).")
-@click.option("--val-split", type=finite_float(0, 0.9), default=0.0,
-              help="Hold out this fraction of each class of TRAIN_SET for validation (ignored with --val).")
+@click.option("--val-split", type=finite_float(0, 0.9), default=None,
+              help="Hold out this fraction of each class of TRAIN_SET for validation (ignored with --val). "
+              "Default: 0.2 for a search (--model probe|auto, --grid), which chooses on it; 0 for one adaptor.")
 @click.option("--rank", type=click.IntRange(1), default=32, help="Low-rank width r of the attention.")
 @click.option("--heads", type=click.IntRange(1), default=4, help="Attention heads; must divide --rank.")
 @click.option("--blocks-per-group", type=click.IntRange(0), default=1,
@@ -84,7 +85,7 @@ from .cli_options import KIND_CHOICE, open_set, progress_option, threads_option
 @memory_option
 @trust_options
 @threads_option
-def train(train_set: str, run_dir: str, val_set: str | None, val_split: float, rank: int, heads: int,
+def train(train_set: str, run_dir: str, val_set: str | None, val_split: float | None, rank: int, heads: int,
           blocks_per_group: int, pool: str, input_scale: float, epochs: int, batch_size: int, lr: float,
           min_lr: float, weight_decay: float, warmup: float, label_smoothing: float, grad_clip: float,
           seed: int, save_every: int, resume: bool, overwrite: bool, no_verify: bool, warmup_fraction: float,
@@ -113,6 +114,8 @@ def train(train_set: str, run_dir: str, val_set: str | None, val_split: float, r
     if val_set is not None:
         val_fs = open_set(val_set, verify=not no_verify, trust=trust)
         check_compatible(train_fs.manifest, val_fs.manifest)
+    if val_split is None:
+        val_split = 0.2 if model_kind != "lae" or grid is not None else 0.0
     if model_kind == "probe":  # the probe reads only the set's sizes from the adaptor config: no rank to check
         rank = heads = 1
     halving = model_kind == "auto" and grid is None

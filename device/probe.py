@@ -229,7 +229,10 @@ def fit_probe(cfg: ProbeConfig, f_train: np.ndarray, labels: np.ndarray,
     return Probe(cfg, params), {"train_loss": loss, "iterations": iterations}
 
 
-L2_VALUES = (1e-3, 1e-2, 1e-1, 1.0)  # a search's L2 strengths, a decade apart
+# A search's L2 strengths: nine, a decade apart, as scikit-learn users search C over 1e-4..1e4. The two are the
+# same objective scaled: C * sum(CE) + |w|^2 / 2 is N * C times mean(CE) + l2 / 2 * |w|^2 with l2 = 1 / (N * C),
+# so at N of a few hundred to a few thousand rows this range covers theirs (refit.py keeps C, not l2, fixed).
+L2_VALUES = tuple(10.0 ** e for e in range(-6, 3))
 
 
 def candidates(base: Any, options: dict[str, Any]) -> list[tuple[str, ProbeConfig, dict[str, Any]]]:

@@ -4,7 +4,8 @@ A search holds out ``--val-split`` of the rows to choose a configuration (and, f
 of the cosine schedule it trained). Once chosen, those rows have done their job; like the VTAB-1k protocol,
 the final model is trained on all of them:
 
-    probe      the chosen config (features, L2) fitted on every row, its standardisation included
+    probe      the chosen config (features, L2) fitted on every row, its standardisation included; the L2
+               per row scales by (fit rows / all rows), which keeps the penalty against the summed loss
     adaptor    a plain run of the chosen config and options in RUN_DIR/refit/, on every row, with the same
                schedule (``--epochs`` long) stopped after the epochs the member trained in the search; its last
                epoch is the model (there are no validation rows left to pick another)
@@ -41,6 +42,9 @@ def refit(trainer: Any, chosen: dict[str, Any], resume: bool) -> tuple[Checkpoin
     kind = kind_named(chosen["kind"])
     if kind.trains == "fit":
         cfg = next(f.model.cfg for f in trainer.fitted if f.name == chosen["name"])
+        # The penalty per row (l2 = 1 / (N C)) shrinks with more rows, as scikit-learn's fixed C does: the
+        # weights' prior stays as strong against the whole sum of losses as it was on the fit rows.
+        cfg = replace(cfg, l2=cfg.l2 * len(trainer.train_rows) / len(rows))
         x, y = read_rows(trainer.train_set, rows), trainer.train_set.labels[rows]
         [(_, model, report)] = kind.fit([cfg], x, y, None, np.empty(0, dtype=np.int64), log=trainer.log)
         info = {"rows": int(len(rows)), "seconds": time.perf_counter() - t0, "iterations": report["iterations"]}
