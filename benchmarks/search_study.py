@@ -73,8 +73,8 @@ def sklearn_probe(data: Path, seed: int) -> dict:
     val, features, c, f, ft = best
     scaler = StandardScaler().fit(f)
     clf = LogisticRegression(C=c, max_iter=2000).fit(scaler.transform(f), train.labels)
-    return {"sklearn_test": float(clf.score(scaler.transform(ft), test.labels)), "sklearn_choice": f"{features} C={c:g}",
-            "sklearn_val": float(val)}
+    return {"sklearn_test": float(clf.score(scaler.transform(ft), test.labels)),
+            "sklearn_choice": f"{features} C={c:g}", "sklearn_val": float(val)}
 
 
 def run_one(data: Path, task: str, seed: int, threads: int) -> dict:
@@ -100,7 +100,8 @@ def summarise(rows: list[dict]) -> str:
         if not mine:
             continue
         lines += [f"\n### {task} ({len(mine)} seeds: {', '.join(str(r['seed']) for r in mine)})\n",
-                  "| model | test accuracy %, mean ± std | per seed | train s, mean | chosen |", "|---|---|---|---|---|"]
+                  "| model | test accuracy %, mean ± std | per seed | train s, mean | chosen |",
+                  "|---|---|---|---|---|"]
         for key, name in (("sklearn", "best probe on the same bytes (scikit-learn, refit)"),
                           ("auto", "`--model auto` (default search)"), ("grid", f"`--model auto --grid \"{GRID}\"`"),
                           ("today", "`--model auto --grid lr=1e-3 --no-refit` (before this issue)")):
@@ -129,8 +130,10 @@ def main() -> None:
                 row["loadavg"] = os.getloadavg()
                 rows = sorted([r for r in rows if r["seed"] != seed] + [row], key=lambda r: r["seed"])
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps({"grid": GRID, "machine": "2-core x86_64 VM", "rows": rows}, indent=1) + "\n")
-    rows = [r for t in TASKS if (RESULTS / f"{t}.json").exists() for r in json.loads((RESULTS / f"{t}.json").read_text())["rows"]]
+                saved = {"grid": GRID, "machine": "2-core x86_64 VM", "rows": rows}
+                path.write_text(json.dumps(saved, indent=1) + "\n")
+    paths = [RESULTS / f"{t}.json" for t in TASKS if (RESULTS / f"{t}.json").exists()]
+    rows = [r for path in paths for r in json.loads(path.read_text())["rows"]]
     print(summarise(rows))
 
 

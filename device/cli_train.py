@@ -149,7 +149,8 @@ def train(train_set: str, run_dir: str, val_set: str | None, val_split: float | 
     require_memory(estimate, what)
     if search:
         run_search(run_dir, train_fs, val_fs, cfg, members, fitted, opts, patience, estimate, resume, overwrite,
-                   log=click.echo, budget=budget_spec, refit_all=refit_all, progress=progress)
+                   log=click.echo, budget=budget_spec, refit_all=refit_all, progress=progress,
+                   log_every=log_every)
         return
     trainer = Trainer(run_dir, train_fs, val_fs, cfg, opts, log=click.echo, patience=patience)
     if trainer.warmup_warning:

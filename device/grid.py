@@ -29,7 +29,6 @@ from typing import Any
 from mist.formats import FeatureSet, load_checkpoint, save_checkpoint
 from mist.formats.atomic import atomic_write_bytes
 from mist.formats.checkpoint import feature_set_record
-
 from mist.formats.quant import bytes_per_row
 
 from .kinds import KINDS, describe, kind_named, kind_of, model_checkpoint, shipped_bytes_per_image
@@ -153,7 +152,7 @@ def run_search(run_dir: str, train_set: FeatureSet, val_set: FeatureSet | None, 
                members: dict[str, Any], fitted: list[Any], opts: TrainOptions, patience: int,
                memory_bytes: int, resume: bool, overwrite: bool, log: Callable[[str], None],
                budget: tuple[float, str] | None = None, refit_all: bool = True,
-               progress: str = "none") -> dict[str, Any]:
+               progress: str = "none", log_every: int = 0) -> dict[str, Any]:
     """Train the search (halved within ``budget`` when one is given: the default search of --model auto),
     then choose and refit; errors are one-line TrainingErrors (and ValueErrors for usage)."""
     halving = Halving(opts.epochs, budget, log) if budget is not None and len(members) > 1 else None
@@ -169,7 +168,7 @@ def run_search(run_dir: str, train_set: FeatureSet, val_set: FeatureSet | None, 
     if progress != "none":
         from .search import SearchProgress
 
-        bar = SearchProgress(trainer, progress, halving, log=log)
+        bar = SearchProgress(trainer, progress, halving, log_every=log_every, log=log)
     trainer.fit(resume=resume, overwrite=overwrite, progress=bar)
     return finish(trainer, memory_bytes, refit_all, resume)
 

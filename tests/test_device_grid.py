@@ -81,8 +81,8 @@ def test_auto_picks_on_validation_and_every_command_takes_the_result(sets, tmp_p
                  "--epochs", "3", *SMALL)
     assert result.exit_code == 0, result.output
     table = json.loads((out / "grid.json").read_text())
-    assert {m["kind"] for m in table["members"]} == {"probe", "lae"} and len(table["members"]) == 12
-    best = max(table["members"], key=lambda m: (m["val_acc"], -m["val_loss"]))
+    assert {m["kind"] for m in table["members"]} == {"probe", "lae"} and len(table["members"]) == 4 + 18
+    best = max(table["members"], key=lambda m: (m["score"], -m["val_loss"]))
     assert table["chosen"] == best["name"] and "chosen: " + best["name"] in result.output
     chosen = load_checkpoint(out / "best.safetensors")
     assert chosen.kind == table["kind"]
@@ -121,7 +121,7 @@ def test_bad_grid_and_memory_limit_are_one_line_errors_that_write_nothing(sets, 
     r = CliRunner().invoke(main, ["train", str(train), "--out", str(out), "--grid", "depth=3", *SMALL])
     assert r.exit_code == 2 and "--grid" in r.output
     r = CliRunner().invoke(main, ["train", str(train), "--out", str(out), "--grid", "lr=1e-3,3e-3",
-                                  "--rank", "4", "--heads", "2", "--threads", "1"])
+                                  "--rank", "4", "--heads", "2", "--threads", "1", "--val-split", "0"])
     assert r.exit_code != 0 and "validation" in r.output
 
 
