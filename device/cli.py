@@ -177,7 +177,7 @@ _SECTIONS = {
     "train": {
         "Start here: model, search, validation, epochs": ["run_dir", "model_kind", "grid", "val_split", "val_set",
                                                           "epochs"],
-        "Search and validation": ["probe_features", "patience", "val_seed"],
+        "Search and validation": ["budget", "refit_all", "probe_features", "patience", "val_seed"],
         "Adaptor": ["rank", "heads", "blocks_per_group", "pool", "pos_embed", "input_scale"],
         "Optimisation": ["batch_size", "lr", "min_lr", "weight_decay", "warmup", "warmup_fraction",
                          "label_smoothing", "grad_clip", "seed"],
