@@ -5,7 +5,7 @@ linear probe on the same shipped bytes, match the exhaustive grid, and stay stab
     python -m benchmarks.search_study --table          # the tables of docs/results.md from the saved rows
 
 Per task and seed, on the sets benchmarks/structured_study.py extracts (real EfficientNet-Lite0, stage 5
-summed, 100 training images per class; ``--data`` holds them, e.g. /work/data/structured):
+summed, 100 training images per class; ``--data`` holds them, by default runs/structured):
   auto       ``train --model auto`` (successive halving within the default budget, refit on every row)
   grid       ``train --model auto --grid "lr=1e-3,3e-3 blocks=1,4"`` (every point to the end, refit)
   today      ``train --model auto --grid lr=1e-3 --no-refit``: what --model auto trained before the search
@@ -115,7 +115,8 @@ def summarise(rows: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=Path("/work/data/structured"))
+    p.add_argument("--data", type=Path, default=ROOT / "runs" / "structured",
+                   help="where benchmarks/structured_study.py extract wrote the sets")
     p.add_argument("--tasks", nargs="+", default=["count", "orientation", "natural"], choices=TASKS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--threads", type=int, default=1)
