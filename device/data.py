@@ -28,7 +28,7 @@ import numpy as np
 from mist.formats import FeatureSet
 
 from .errors import TrainingError
-from .parallel import run_chunks, scratch
+from .parallel import run_chunks
 
 READS = ("maps", "features")
 
@@ -98,9 +98,15 @@ def empty_maps(k: int, n: int, T: int, d: int, dtype: np.dtype) -> FrozenMaps:
 
 def fill_maps(out: FrozenMaps, read: Callable[[slice], np.ndarray], n: int, input_scale: float) -> None:
     """Fill ``out`` from ``read(rows) -> (len(rows), k, T, d)``: cast, scale, sum the groups, per-token
-    statistics, in one pass per image, a few images per thread chunk."""
+    statistics, one image at a time (it stays in cache for the statistics), a few images per thread chunk.
+
+    The statistics take two reads of the image, not four passes: the mean is a GEMV with a (d,) vector of
+    1/d, and the variance E[f^2] - mu^2 with E[f^2] from one einsum. That form loses digits when the mean
+    dominates the spread (mu^2 > var: it subtracts two close numbers), so those tokens alone are computed
+    again the two-pass way; tests/test_fast_lae.py holds the result to the two-pass one."""
     maps, mean, var, dtype = out.maps, out.mean, out.var, out.maps.dtype
     k, _, T, d = maps.shape
+    inv_d = np.full(d, 1.0 / d, dtype)
 
     def work(rows: slice) -> None:
         x = read(rows)
@@ -115,12 +121,14 @@ def fill_maps(out: FrozenMaps, read: Callable[[slice], np.ndarray], n: int, inpu
                         f[...] = x[i, j]
                     if j:
                         f += maps[j - 1, b]
-                    mu = f.mean(axis=-1)
-                    centred = scratch("centred", (T, d), dtype)
-                    np.subtract(f, mu[:, None], out=centred)
-                    np.multiply(centred, centred, out=centred)
-                    mean[j, b] = mu
-                    var[j, b] = centred.mean(axis=-1)
+                    mu = np.matmul(f, inv_d, out=mean[j, b])
+                    v = np.einsum("td,td->t", f, f, out=var[j, b])
+                    v *= 1.0 / d
+                    v -= mu * mu
+                    close = np.nonzero(mu * mu > v)[0]  # NaN compares False: a non-finite token stays so
+                    if len(close):
+                        centred = f[close] - mu[close, None]
+                        v[close] = np.einsum("td,td->t", centred, centred) / d
 
     run_chunks(work, n, 4)
 

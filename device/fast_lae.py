@@ -5,9 +5,9 @@ each block the state is z = F + O W (equation (1) of docs/performance.md): F the
 group, O the earlier blocks' attention outputs each with a ones column, W their stacked output weights and
 biases. A LayerNorm of z then needs only F's per-token mean and variance (computed once per batch), F as a
 GEMM operand, and rank-r algebra; its backward is a low-rank part minus a per-token multiple rho of the
-centred state. docs/performance.md derives every step in this file's names, numbered (1) to (19), and each
-phase of ``forward`` and ``backward`` cites its equation. tests/test_fast_lae.py checks every output and
-gradient against lae.py.
+centred state. docs/performance.md derives every step in this file's names, numbered (1) to (21) ((20) and
+(21) fold in the learned position table, pos_embed), and each phase of ``forward`` and ``backward`` cites its
+equation. tests/test_fast_lae.py checks every output and gradient against lae.py.
 
 Once prepared, F is read only by GEMMs: per group one forward GEMM (7) and one backward GEMM (17), and with
 mean pooling two batched GEMVs (8), (11). The attention maps (B, h, T, T) stay elementwise: attention.py's
@@ -15,7 +15,7 @@ fast kernels run them in batch chunks on the thread pool. Activations kept for t
 arrays plus one attention map per block.
 
 The maps F_j and their statistics come from the data step (data.py: FrozenMaps, prepare_maps), prepared
-once per batch for every model that reads them; adaptor.build picks this model or the readable LAE.
+once per batch for every model that reads them; adaptor.build gives this model for every LAE config.
 """
 
 from __future__ import annotations
