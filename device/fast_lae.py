@@ -93,7 +93,6 @@ class FastLAE:
         W = self._stacked_out()
         Wc = W - W.mean(axis=1, keepdims=True)
         WcWcT = Wc @ Wc.T
-        W_rowsum = W.sum(axis=1)
         pos = p["pos_embed"] if cfg.pos_embed else None  # (20): F' = F + pos in every state
         tag = "train" if keep_cache else "eval"
         O = self._buffer(f"{tag}.O", (B, T, NR))  # (1): [o_0 1 | o_1 1 | ...], filled block by block
@@ -107,12 +106,13 @@ class FastLAE:
             first, n_read = j * bpg, self._blocks_read(j)
             # (5): A = diag(gamma) W_qkv, the block LayerNorm's scale folded into the projection
             A = [p[f"blocks.{b}.norm.weight"][:, None] * p[f"blocks.{b}.qkv.weight"] for b in range(first, first + bpg)]
-            # (7): the group's one forward GEMM over F, Y = F [A_first .. A_last | W^T]
-            M = np.concatenate(A + [W[:n_read * ra].T], axis=1)
+            # (7): the group's one forward GEMM over F, Y = F [Abar_first .. Abar_last | Wc^T] = Fc [A .. | W^T]:
+            # operands with centred columns centre F's rows for free
+            M = np.concatenate([a - a.mean(axis=0) for a in A] + [Wc[:n_read * ra].T], axis=1)
             Y = (F @ M).reshape(B, T, -1)
             if pos is not None:
                 Y += pos @ M  # (20): F' M = F M + pos M, the same (T, cols) rows for every image
-            G = Y[..., bpg * 3 * r:] - mu[..., None] * W_rowsum[:n_read * ra]  # (3): G = Fc W^T
+            G = Y[..., bpg * 3 * r:]  # (3): G = Fc W^T
             groups.append((mu, var, G))
             for i, b in enumerate(range(first, first + bpg)):
                 pre, R = f"blocks.{b}.", b * ra
@@ -120,10 +120,9 @@ class FastLAE:
                 # (4): the LayerNorm's variance from F's, G and rank-R algebra
                 var_z = var + (2.0 / d) * _rowdot(O_in, G[..., :R]) + (1.0 / d) * _rowdot(O_in @ WcWcT[:R, :R], O_in)
                 sigma = np.sqrt(var_z + EPS)
-                # (6): qkv_hat = (F A - mu colsum(A) + O (Wc A)) / sigma, built in place in the GEMM's output
+                # (6): qkv_hat = (Fc A + O (Wc A)) / sigma, built in place in the GEMM's output
                 # (no new (B, T, 3r) arrays)
                 qkv = Y[..., i * 3 * r:(i + 1) * 3 * r]
-                qkv -= mu[..., None] * A[i].sum(axis=0)
                 if R:
                     qkv += O_in @ (Wc[:R] @ A[i])
                 qkv /= sigma[..., None]
