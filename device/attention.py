@@ -71,25 +71,54 @@ def _chunk_rows(maps: np.ndarray) -> int:
     return max(1, _CHUNK_BYTES // max(per_image, 1))
 
 
-def attention_forward_fast(qkv: np.ndarray, maps: np.ndarray, o_out: np.ndarray, heads: int) -> None:
-    """attention_forward from the projections on: qkv (B, T, 3r) -> attention maps into ``maps`` (B, h, T, T),
-    o = a @ v into ``o_out`` (B, T, r). Differs from the reference in layout and place, not in math: no linears
-    (the caller folds them into its GEMMs), the scale folded into q, softmax in place in the caller's maps
-    buffer, and batch chunks on the thread pool."""
+def attention_forward_fast(qkv: np.ndarray, maps: np.ndarray, o_out: np.ndarray, heads: int,
+                           inv_sums: np.ndarray) -> None:
+    """attention_forward from the projections on: qkv (B, T, 3r) -> o = a @ v into ``o_out`` (B, T, r), the
+    softmax's numerators e into ``maps`` (B, h, T, T) and the reciprocals of its row sums into ``inv_sums``
+    (B, h, T), so that a = e * inv_sums[..., None]. Differs from the reference in layout and place, not in
+    math:
+
+    - no linears (the caller folds them into its GEMMs);
+    - the maps are never normalised: o = (e @ v) / sum, and the backward scales its (T, hs) operands
+      instead, so no pass over the maps divides them;
+    - the shift that keeps exp from overflowing is not the row maximum (a pass of its own) but an upper bound
+      of the row by Cauchy-Schwarz, c_i = |q_i| max_j |k_j| scale, folded into the scores' matmul as one
+      more column, [q scale, -c] @ [k, 1]^T = s - c <= 0. A row whose bound lies so far above its maximum
+      that its sum nears underflow is computed again with the exact maximum (_exact_rows);
+    - batch chunks on the thread pool."""
     B, T, r3 = qkv.shape
     r = r3 // 3
     scale = 1.0 / math.sqrt(r // heads)
+    floor = math.sqrt(np.finfo(maps.dtype).tiny)  # a row sum below this: its largest term is near denormal
 
     def work(rows: slice) -> None:
         q, k, v = (split_heads(qkv[rows, :, i * r:(i + 1) * r], heads) for i in range(3))
-        s = np.matmul(q * scale, k.swapaxes(-1, -2), out=maps[rows])
-        s -= s.max(axis=-1, keepdims=True)  # exp never overflows; softmax is shift-invariant
-        np.exp(s, out=s)
-        s *= 1.0 / s.sum(axis=-1, keepdims=True)
-        o = s @ v
-        o_out[rows] = o.transpose(0, 2, 1, 3).reshape(o.shape[0], T, r)
+        n, h, _, hs = q.shape
+        qa, ka = np.empty((n, h, T, hs + 1), qkv.dtype), np.empty((n, h, T, hs + 1), qkv.dtype)
+        np.multiply(q, scale, out=qa[..., :hs])
+        ka[..., :hs], ka[..., hs] = k, 1.0
+        k_norm = np.sqrt(np.einsum("nhtc,nhtc->nht", k, k).max(axis=-1))
+        qa[..., hs] = -np.sqrt(np.einsum("nhtc,nhtc->nht", qa[..., :hs], qa[..., :hs])) * k_norm[..., None]
+        e = np.matmul(qa, ka.swapaxes(-1, -2), out=maps[rows])
+        np.exp(e, out=e)
+        sums = e.sum(axis=-1)
+        low = np.nonzero(sums < floor)
+        if len(low[0]):
+            sums[low] = _exact_rows(e, qa[..., :hs], k, low)
+        inv = np.divide(1.0, sums, out=inv_sums[rows])
+        o = (e @ v) * inv[..., None]
+        o_out[rows] = o.transpose(0, 2, 1, 3).reshape(n, T, r)
 
     run_chunks(work, B, _chunk_rows(maps))
+
+
+def _exact_rows(e: np.ndarray, q_scaled: np.ndarray, k: np.ndarray, where: tuple) -> np.ndarray:
+    """Rows ``where`` (index arrays over (n, h, T)) of e again, shifted by their exact maximum; their sums."""
+    img, head, row = where
+    s = np.einsum("mc,mtc->mt", q_scaled[img, head, row], k[img, head])
+    s = np.exp(s - s.max(axis=-1, keepdims=True))
+    e[img, head, row] = s
+    return s.sum(axis=-1)
 
 
 def attention_backward(
@@ -113,12 +142,17 @@ def attention_backward(
     dx, dw_qkv, db_qkv = linear_backward(dqkv, qkv_cache, need_dx=need_dx)
     return dx, dw_qkv, db_qkv, dw_o, db_o
 
-def attention_backward_fast(do: np.ndarray, qkv: np.ndarray, maps: np.ndarray, o: np.ndarray,
-                            heads: int) -> np.ndarray:
+def attention_backward_fast(do: np.ndarray, qkv: np.ndarray, maps: np.ndarray, o: np.ndarray, heads: int,
+                            inv_sums: np.ndarray) -> np.ndarray:
     """attention_backward down to the projections: do (B, T, r) -> dqkv (B, T, 3r), given attention_forward_fast's
-    qkv, maps and o. Differs from the reference in layout and place, not in math: no linears, softmax's row sum
-    sum_j da_j a_j taken as do . o per query (no pass over the maps), da and ds in one per-thread buffer, and
-    batch chunks on the thread pool."""
+    qkv, maps (the numerators e), inv_sums and o. Differs from the reference in layout and place, not in math:
+
+    - no linears;
+    - softmax's row term sum_j da_j a_j is do . o per query (no pass over the maps), and it is folded into
+      da's matmul as one more column: [do, -do . o] @ [v, 1]^T = da - do . o;
+    - a = e / sum is never formed: ds = e (da - do . o) / sum, and the division by the row sum scales the
+      (T, hs) operands and results of the three matmuls that read ds or a (dq, dk, dv);
+    - da and ds share one per-thread buffer, and batch chunks run on the thread pool."""
     B, T, r3 = qkv.shape
     r = r3 // 3
     scale = 1.0 / math.sqrt(r // heads)
@@ -126,15 +160,17 @@ def attention_backward_fast(do: np.ndarray, qkv: np.ndarray, maps: np.ndarray, o
 
     def work(rows: slice) -> None:
         q, k, v = (split_heads(qkv[rows, :, i * r:(i + 1) * r], heads) for i in range(3))
-        a, do_h, o_h = maps[rows], split_heads(do[rows], heads), split_heads(o[rows], heads)
-        ds = np.matmul(do_h, v.swapaxes(-1, -2), out=scratch("ds", a.shape, a.dtype))  # da first
-        dv = a.swapaxes(-1, -2) @ do_h
-        # softmax backward: ds = a (da - sum_j da_j a_j), and sum_j da_j a_j = do . o per query and head
-        ds -= (do_h * o_h).sum(axis=-1, keepdims=True)
-        ds *= a
-        dq = (ds @ k) * scale
-        dk = ds.swapaxes(-1, -2) @ (q * scale)
-        n = a.shape[0]
+        e, inv = maps[rows], inv_sums[rows][..., None]
+        do_h, o_h = split_heads(do[rows], heads), split_heads(o[rows], heads)
+        n, h, _, hs = q.shape
+        da, va = np.empty((n, h, T, hs + 1), qkv.dtype), np.empty((n, h, T, hs + 1), qkv.dtype)
+        da[..., :hs], va[..., :hs], va[..., hs] = do_h, v, 1.0
+        da[..., hs] = -np.einsum("nhtc,nhtc->nht", do_h, o_h)
+        ds = np.matmul(da, va.swapaxes(-1, -2), out=scratch("ds", e.shape, e.dtype))  # da - do . o
+        ds *= e  # ds * sum, the true ds once divided by the row sum
+        dv = e.swapaxes(-1, -2) @ (do_h * inv)
+        dq = (ds @ k) * (inv * scale)
+        dk = ds.swapaxes(-1, -2) @ (q * (inv * scale))
         for i, grad in enumerate((dq, dk, dv)):
             dqkv[rows, :, i * r:(i + 1) * r] = grad.transpose(0, 2, 1, 3).reshape(n, T, r)
 

@@ -130,8 +130,9 @@ class FastLAE:
                 qkv_bias = p[pre + "norm.bias"] @ p[pre + "qkv.weight"] + p[pre + "qkv.bias"]
                 qkv += qkv_bias
                 maps = self._buffer(f"{tag}.attn.{b if keep_cache else 0}", (B, cfg.heads, T, T))
-                attention_forward_fast(qkv, maps, O[..., R:R + r], cfg.heads)  # o_b joins O
-                blocks.append((sigma, qkv, qkv_bias, maps, A[i]))
+                inv_sums = self._buffer(f"{tag}.sums.{b if keep_cache else 0}", (B, cfg.heads, T))
+                attention_forward_fast(qkv, maps, O[..., R:R + r], cfg.heads, inv_sums)  # o_b joins O
+                blocks.append((sigma, qkv, qkv_bias, (maps, inv_sums), A[i]))
         # (8): the final LayerNorm, pooled: only the tokens the pool reads (all for mean, token 0 for cls)
         sel = slice(0, 1) if cfg.pool == "cls" else slice(None)
         F, (mu, var, G_f), O_f = fm.maps[k - 1][:, sel], (g[:, sel] for g in groups[-1]), O[:, sel]
@@ -218,7 +219,7 @@ class FastLAE:
                 pre, R = f"blocks.{b}.", b * ra
                 sigma, qkv, qkv_bias, maps, A = blocks[b]
                 rho_after[b] = rho_sum.copy()  # (16): the rho of this group's LayerNorms after b, which read o_b
-                dqkv = attention_backward_fast(dO[..., R:R + r], qkv, maps, O[..., R:R + r], cfg.heads)
+                dqkv = attention_backward_fast(dO[..., R:R + r], qkv, maps[0], O[..., R:R + r], cfg.heads, maps[1])
                 blocks[b] = None  # its attention map is no longer needed (the buffer is reused next step)
                 g[pre + "qkv.bias"] = dqkv.sum(axis=(0, 1))  # (18)
                 if b or pos is not None:  # (12): rho_b = dqkv . qkv_hat / (d sigma^2), qkv_hat = qkv - qkv_bias
