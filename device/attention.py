@@ -80,7 +80,7 @@ def attention_forward_fast(qkv: np.ndarray, maps: np.ndarray, o_out: np.ndarray,
 
     - no linears (the caller folds them into its GEMMs);
     - the maps are never normalised: o = (e @ v) / sum, and the backward scales its (T, hs) operands
-      instead, so no pass over the maps divides them;
+      instead, so no pass over the maps divides them; the sums come from the same matmul, e @ [v, 1];
     - the shift that keeps exp from overflowing is not the row maximum (a pass of its own) but an upper bound
       of the row by Cauchy-Schwarz, c_i = |q_i| max_j |k_j| scale, folded into the scores' matmul as one
       more column, [q scale, -c] @ [k, 1]^T = s - c <= 0. A row whose bound lies so far above its maximum
@@ -94,31 +94,32 @@ def attention_forward_fast(qkv: np.ndarray, maps: np.ndarray, o_out: np.ndarray,
     def work(rows: slice) -> None:
         q, k, v = (split_heads(qkv[rows, :, i * r:(i + 1) * r], heads) for i in range(3))
         n, h, _, hs = q.shape
-        qa, ka = np.empty((n, h, T, hs + 1), qkv.dtype), np.empty((n, h, T, hs + 1), qkv.dtype)
+        qa, ka, va = (np.empty((n, h, T, hs + 1), qkv.dtype) for _ in range(3))
         np.multiply(q, scale, out=qa[..., :hs])
-        ka[..., :hs], ka[..., hs] = k, 1.0
+        ka[..., :hs], ka[..., hs], va[..., :hs], va[..., hs] = k, 1.0, v, 1.0
         k_norm = np.sqrt(np.einsum("nhtc,nhtc->nht", k, k).max(axis=-1))
         qa[..., hs] = -np.sqrt(np.einsum("nhtc,nhtc->nht", qa[..., :hs], qa[..., :hs])) * k_norm[..., None]
         e = np.matmul(qa, ka.swapaxes(-1, -2), out=maps[rows])
         np.exp(e, out=e)
-        sums = e.sum(axis=-1)
-        low = np.nonzero(sums < floor)
+        ev = e @ va  # [e @ v | the row sums]: the ones column sums the rows in the same matmul
+        low = np.nonzero(ev[..., hs] < floor)
         if len(low[0]):
-            sums[low] = _exact_rows(e, qa[..., :hs], k, low)
-        inv = np.divide(1.0, sums, out=inv_sums[rows])
-        o = (e @ v) * inv[..., None]
+            ev[low] = _exact_rows(e, qa[..., :hs], k, va, low)
+        inv = np.divide(1.0, ev[..., hs], out=inv_sums[rows])
+        o = ev[..., :hs] * inv[..., None]
         o_out[rows] = o.transpose(0, 2, 1, 3).reshape(n, T, r)
 
     run_chunks(work, B, _chunk_rows(maps))
 
 
-def _exact_rows(e: np.ndarray, q_scaled: np.ndarray, k: np.ndarray, where: tuple) -> np.ndarray:
-    """Rows ``where`` (index arrays over (n, h, T)) of e again, shifted by their exact maximum; their sums."""
+def _exact_rows(e: np.ndarray, q_scaled: np.ndarray, k: np.ndarray, va: np.ndarray, where: tuple) -> np.ndarray:
+    """Rows ``where`` (index arrays over (n, h, T)) of e again, shifted by their exact maximum; their
+    [e @ v | sum]."""
     img, head, row = where
     s = np.einsum("mc,mtc->mt", q_scaled[img, head, row], k[img, head])
     s = np.exp(s - s.max(axis=-1, keepdims=True))
     e[img, head, row] = s
-    return s.sum(axis=-1)
+    return np.einsum("mt,mtc->mc", s, va[img, head])
 
 
 def attention_backward(
