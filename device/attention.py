@@ -169,11 +169,12 @@ def attention_backward_fast(do: np.ndarray, qkv: np.ndarray, maps: np.ndarray, o
         da[..., hs] = -np.einsum("nhtc,nhtc->nht", do_h, o_h)
         ds = np.matmul(da, va.swapaxes(-1, -2), out=scratch("ds", e.shape, e.dtype))  # da - do . o
         ds *= e  # ds * sum, the true ds once divided by the row sum
-        dv = e.swapaxes(-1, -2) @ (do_h * inv)
-        dq = (ds @ k) * (inv * scale)
-        dk = ds.swapaxes(-1, -2) @ (q * (inv * scale))
-        for i, grad in enumerate((dq, dk, dv)):
-            dqkv[rows, :, i * r:(i + 1) * r] = grad.transpose(0, 2, 1, 3).reshape(n, T, r)
+        grads = np.empty((3, n, h, T, hs), qkv.dtype)  # dq, dk, dv, merged into dqkv by one copy
+        np.matmul(ds, k, out=grads[0])
+        grads[0] *= inv * scale
+        np.matmul(ds.swapaxes(-1, -2), q * (inv * scale), out=grads[1])
+        np.matmul(e.swapaxes(-1, -2), do_h * inv, out=grads[2])
+        dqkv[rows] = grads.transpose(1, 3, 0, 2, 4).reshape(n, T, 3 * r)
 
     run_chunks(work, B, _chunk_rows(maps))
     return dqkv

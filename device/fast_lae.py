@@ -118,7 +118,8 @@ class FastLAE:
                 pre, R = f"blocks.{b}.", b * ra
                 O_in = O[..., :R]  # (1): the earlier blocks' outputs, all that block b's LayerNorm adds to F
                 # (4): the LayerNorm's variance from F's, G and rank-R algebra
-                var_z = var + (2.0 / d) * _rowdot(O_in, G[..., :R]) + (1.0 / d) * _rowdot(O_in @ WcWcT[:R, :R], O_in)
+                var_z = var + (2.0 / d) * _rowdot(O_in, G[..., :R]) + (1.0 / d) * _rowdot(O_in @ WcWcT[:R, :R], O_in) \
+                    if R else var  # a group's first block (R = 0) reads F alone
                 sigma = np.sqrt(var_z + EPS)
                 # (6): qkv_hat = (Fc A + O (Wc A)) / sigma, built in place in the GEMM's output
                 # (no new (B, T, 3r) arrays)
