@@ -96,18 +96,19 @@ def parameter_count(cfg: LAEConfig) -> int:
 
 
 def _fast_step_floats(cfg: LAEConfig, batch: int) -> tuple[int, int]:
-    """Floats FastLAE holds between steps (its reused buffers: O and each block's attention maps), and the
-    floats one step adds at its peak (the end of its forward and the start of its backward): each group's
-    projection GEMM Y and its centred part G, the backward's dO, every block's dqkv, a group's F^T cols
-    operand, and the temporaries of the dO and var_z updates."""
+    """Floats FastLAE holds between steps (its reused buffers: O and each block's softmax shifts and sums; the
+    attention maps are never stored), and the floats one step adds at its peak (the end of its forward and the
+    start of its backward): each group's projection GEMM Y (G is a view of it), the backward's dO, a group's
+    F^T cols operand (every block's dqkv is written into it), and the temporaries of the dO and var_z
+    updates."""
     T, r, h, nb, bpg = cfg.tokens, cfg.rank, cfg.heads, cfg.num_blocks, cfg.blocks_per_group
     NR = nb * (r + 1)
-    held = batch * T * (NR + nb * h * T)
+    held = batch * T * (NR + nb * 2 * h)
     step = 0
     for j in range(cfg.groups):
         read = nb if j == cfg.groups - 1 else max(0, (j + 1) * bpg - 1)
-        step += bpg * 3 * r + 2 * read * (r + 1)  # Y = F [A | W^T] and G
-    step += NR + 3 * r * nb + bpg * 3 * r + NR + 3 * NR  # dO, every dqkv, cols, temporaries
+        step += bpg * 3 * r + read * (r + 1)  # Y = F [Abar | Wc^T]
+    step += NR + bpg * 3 * r + NR + 3 * NR  # dO, cols, temporaries
     if cfg.pos_embed:
         step += 3 * cfg.groups  # each group's mean and variance of F + pos_embed, and their covariance term
     return held, batch * T * step
@@ -124,9 +125,9 @@ def memory_bytes(cfg: LAEConfig, batch: int, keeps_best: bool = True) -> tuple[i
 
 def inference_bytes(cfg: LAEConfig, batch: int) -> int:
     """Bytes to run the adaptor over chunks of ``batch`` rows: weights once and one chunk's activations
-    (evaluation reuses one attention buffer for every block)."""
+    (the attention maps live in per-thread chunks of about 1 MB, counted in memory.py's slack)."""
     T, r, h, NR = cfg.tokens, cfg.rank, cfg.heads, cfg.num_blocks * (cfg.rank + 1)
-    step = batch * (T * (NR + 2 * 3 * r * cfg.blocks_per_group + 2 * NR + 3 * cfg.pos_embed) + h * T * T)
+    step = batch * (T * (NR + 2 * 3 * r * cfg.blocks_per_group + 2 * NR + 3 * cfg.pos_embed + 2 * h))
     return _FLOAT * (parameter_count(cfg) + step)
 
 

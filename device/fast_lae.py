@@ -11,8 +11,8 @@ equation. tests/test_fast_lae.py checks every output and gradient against lae.py
 
 Once prepared, F is read only by GEMMs: per group one forward GEMM (7) and one backward GEMM (17), and with
 mean pooling two batched GEMVs (8), (11). The attention maps (B, h, T, T) stay elementwise: attention.py's
-fast kernels run them in batch chunks on the thread pool. Activations kept for the backward: (B, T, r)-sized
-arrays plus one attention map per block.
+fast kernels run them in batch chunks on the thread pool, in cache, and never store them. Activations kept
+for the backward: (B, T, r)-sized arrays and two (B, h, T) arrays per block (each softmax row's shift and sum).
 
 The maps F_j and their statistics come from the data step (data.py: FrozenMaps, prepare_maps), prepared
 once per batch for every model that reads them; adaptor.build gives this model for every LAE config.
@@ -130,10 +130,9 @@ class FastLAE:
                 # (5): qkv = qkv_hat + qkv_bias, qkv_bias = beta W_qkv + b_qkv
                 qkv_bias = p[pre + "norm.bias"] @ p[pre + "qkv.weight"] + p[pre + "qkv.bias"]
                 qkv += qkv_bias
-                maps = self._buffer(f"{tag}.attn.{b if keep_cache else 0}", (B, cfg.heads, T, T))
-                inv_sums = self._buffer(f"{tag}.sums.{b if keep_cache else 0}", (B, cfg.heads, T))
-                attention_forward_fast(qkv, maps, O[..., R:R + r], cfg.heads, inv_sums)  # o_b joins O
-                blocks.append((sigma, qkv, qkv_bias, (maps, inv_sums), A[i]))
+                rows = self._buffer(f"{tag}.softmax.{b if keep_cache else 0}", (2, B, cfg.heads, T))
+                attention_forward_fast(qkv, O[..., R:R + r], cfg.heads, rows[0], rows[1])  # o_b joins O
+                blocks.append((sigma, qkv, qkv_bias, rows, A[i]))
         # (8): the final LayerNorm, pooled: only the tokens the pool reads (all for mean, token 0 for cls)
         sel = slice(0, 1) if cfg.pool == "cls" else slice(None)
         F, (mu, var, G_f), O_f = fm.maps[k - 1][:, sel], (g[:, sel] for g in groups[-1]), O[:, sel]
@@ -215,19 +214,22 @@ class FastLAE:
             first, n_read = j * bpg, self._blocks_read(j)
             if j < k - 1:
                 rho_sum[...] = 0.0
-            rho_after, P_of, OtP_of = {}, {}, {}
+            rho_after, OtP_of = {}, {}
+            # (17)'s operand, cols = [P_first .. P_last | rho_after O], filled in place: each block's dqkv
+            # (P once divided by sigma) is written straight into its columns
+            cols = np.empty((B, T, bpg * 3 * r + n_read * ra), self.dtype)
             for b in reversed(range(first, first + bpg)):
                 pre, R = f"blocks.{b}.", b * ra
-                sigma, qkv, qkv_bias, maps, A = blocks[b]
+                sigma, qkv, qkv_bias, softmax_rows, A = blocks[b]
                 rho_after[b] = rho_sum.copy()  # (16): the rho of this group's LayerNorms after b, which read o_b
-                dqkv = attention_backward_fast(dO[..., R:R + r], qkv, maps[0], O[..., R:R + r], cfg.heads, maps[1])
-                blocks[b] = None  # its attention map is no longer needed (the buffer is reused next step)
+                dqkv = cols[..., (b - first) * 3 * r:(b - first + 1) * 3 * r]
+                attention_backward_fast(dO[..., R:R + r], qkv, O[..., R:R + r], cfg.heads, *softmax_rows, out=dqkv)
+                blocks[b] = None
                 g[pre + "qkv.bias"] = dqkv.sum(axis=(0, 1))  # (18)
                 if b or pos is not None:  # (12): rho_b = dqkv . qkv_hat / (d sigma^2), qkv_hat = qkv - qkv_bias
                     rho_b = (_rowdot(dqkv, qkv) - dqkv @ qkv_bias) / (d * sigma * sigma)
                 P = dqkv
                 P /= sigma[..., None]  # (12): P = dqkv / sigma, in place: dqkv itself is not needed again
-                P_of[b] = P
                 O_in = O[..., :R]
                 OtP_of[b] = O_in.reshape(-1, R).T @ P.reshape(-1, 3 * r) if R else None  # O^T P of (15), (18)
                 if b == 0 and pos is None:
@@ -246,12 +248,13 @@ class FastLAE:
                 dpos -= np.einsum("bt,btd->td", rho_sum, fm.maps[j]) + rho_sum.sum(axis=0)[:, None] * pos
                 dpos += (rho_sum * mu).sum(axis=0)[:, None]
             # (17): the group's one backward GEMM over F, Fc^T cols, cols = [P_first .. P_last | rho_after O]
-            columns = [P_of[b] for b in range(first, first + bpg)]
-            columns += [(rho_after[b] if b >= first else rho_sum)[..., None] * O[..., b * ra:(b + 1) * ra]
-                        for b in range(n_read)]
-            if not columns:
+            for b in range(n_read):
+                at = bpg * 3 * r + b * ra
+                np.multiply((rho_after[b] if b >= first else rho_sum)[..., None], O[..., b * ra:(b + 1) * ra],
+                            out=cols[..., at:at + ra])
+            if not cols.shape[-1]:
                 continue
-            cols = np.concatenate(columns, axis=-1).reshape(B * T, -1)
+            cols = cols.reshape(B * T, -1)
             FcT_cols = fm.maps[j].reshape(B * T, d).T @ cols - (mu.reshape(-1) @ cols)[None, :]
             if pos is not None:  # (20): F'^T cols = F^T cols + pos^T (cols summed over images)
                 FcT_cols += pos.T @ cols.reshape(B, T, -1).sum(axis=0)

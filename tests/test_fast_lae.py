@@ -230,8 +230,8 @@ def test_attention_kernels_match_the_reference_even_where_the_shift_bound_underf
     do = rng.standard_normal((B, T, r))
     out, cache = attention_forward(qkv, np.eye(3 * r), np.zeros(3 * r), np.eye(r), np.zeros(r), heads)
     dqkv, *_ = attention_backward(do, cache)
-    maps, o, inv_sums = np.empty((B, heads, T, T)), np.empty((B, T, r)), np.empty((B, heads, T))
-    attention_forward_fast(qkv, maps, o, heads, inv_sums)
+    o, shifts, inv_sums = np.empty((B, T, r)), np.empty((B, heads, T)), np.empty((B, heads, T))
+    attention_forward_fast(qkv, o, heads, shifts, inv_sums)
     np.testing.assert_allclose(o, out, rtol=0, atol=ATOL * spread)
-    np.testing.assert_allclose(attention_backward_fast(do, qkv, maps, o, heads, inv_sums), dqkv, rtol=0,
+    np.testing.assert_allclose(attention_backward_fast(do, qkv, o, heads, shifts, inv_sums), dqkv, rtol=0,
                                atol=ATOL * spread)
