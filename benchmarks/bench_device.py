@@ -107,14 +107,13 @@ def train_worker(shape: str, batch: int, steps: int, rounds: int, rank: int, hea
     import numpy as np
     import torch
 
-    from mist.device.allocator import fix_mmap_threshold
     from mist.device.data import prepare_maps
     from mist.device.fast_lae import FastLAE
     from mist.device.lae import LAE, flops_per_image, init_params
     from mist.device.optim import AdamW
     from mist.device.step import Recipe, train_step
 
-    fix_mmap_threshold()  # as mist-device does at start
+    as_the_cli_does()
     threads = int(os.environ["OMP_NUM_THREADS"])
     torch.set_num_threads(threads)
     cfg = make_config(shape, rank, heads)
@@ -188,9 +187,8 @@ def predict_worker(side: str, shape: str, calls: int, rank: int, heads: int) -> 
     x16 = np.random.default_rng(0).standard_normal((1, cfg.groups, cfg.tokens, cfg.dim)).astype(np.float16)
     if side == "numpy":
         from mist.device.adaptor import build
-        from mist.device.allocator import fix_mmap_threshold
 
-        fix_mmap_threshold()  # as mist-device does at start
+        as_the_cli_does()
 
         model = build(cfg, params)
 
@@ -214,6 +212,16 @@ def predict_worker(side: str, shape: str, calls: int, rank: int, heads: int) -> 
         call()
         times.append(time.perf_counter() - start)
     return {"side": side, "ms": 1e3 * float(np.median(times)), "torch_loaded": "torch" in sys.modules}
+
+
+def as_the_cli_does() -> None:
+    """The allocator setting mist-device makes at start; a tree from before issue 23 (profiled through
+    PYTHONPATH for a before/after comparison) has none."""
+    try:
+        from mist.device.allocator import fix_mmap_threshold
+    except ImportError:
+        return
+    fix_mmap_threshold()
 
 
 def blas_kernel() -> str:

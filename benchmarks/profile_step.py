@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-DEVICE = Path(__file__).resolve().parents[1] / "device"
 SHAPES = {"vit-b": (197, 768), "lite0": (49, 192)}
 
 
@@ -30,14 +29,19 @@ def main() -> None:
 
     import numpy as np
 
-    from mist.device.allocator import fix_mmap_threshold
+    import mist.device
     from mist.device.data import prepare_maps
     from mist.device.fast_lae import FastLAE
     from mist.device.lae import LAEConfig, init_params
     from mist.device.optim import AdamW
     from mist.device.step import Recipe, train_step
 
-    fix_mmap_threshold()
+    try:  # as mist-device does at start (a tree from before issue 23 has no allocator.py: profiled as it ran)
+        from mist.device.allocator import fix_mmap_threshold
+
+        fix_mmap_threshold()
+    except ImportError:
+        pass
     T, d = SHAPES[args.shape]
     cfg = LAEConfig(dim=d, tokens=T, groups=1, num_classes=10, rank=32, heads=4)
     rng = np.random.default_rng(0)
@@ -57,7 +61,7 @@ def main() -> None:
         step(i)
     spent: collections.Counter = collections.Counter()
     last: list = [None, 0.0]
-    device = str(DEVICE)
+    device = str(Path(mist.device.__file__).parent)  # the tree imported: run with PYTHONPATH to profile another
 
     def tracer(frame, event, arg):
         if not frame.f_code.co_filename.startswith(device):
