@@ -113,6 +113,7 @@ def train_worker(shape: str, batch: int, steps: int, rounds: int, rank: int, hea
     from mist.device.optim import AdamW
     from mist.device.step import Recipe, train_step
 
+    as_the_cli_does()
     threads = int(os.environ["OMP_NUM_THREADS"])
     torch.set_num_threads(threads)
     cfg = make_config(shape, rank, heads)
@@ -167,7 +168,7 @@ def train_worker(shape: str, batch: int, steps: int, rounds: int, rank: int, hea
     med = {name: float(np.median(t)) for name, t in times.items()}
     flops, peak = flops_per_image(cfg) * batch, float(np.median(peaks))
     return {"shape": shape, "T": cfg.tokens, "d": cfg.dim, "k": cfg.groups, "batch": batch, "rank": rank,
-            "heads": heads, "threads": threads, "torch_adamw": fused, "sgemm_gflops": peak,
+            "heads": heads, "threads": threads, "torch_adamw": fused, "sgemm_gflops": peak, "blas": blas_kernel(),
             **{f"{name}_step_ms": 1e3 * t for name, t in med.items()},
             **{f"{name}_images_per_s": batch / t for name, t in med.items()},
             **{f"{name}_of_peak": flops / t / 1e9 / peak for name, t in med.items()},
@@ -186,6 +187,8 @@ def predict_worker(side: str, shape: str, calls: int, rank: int, heads: int) -> 
     x16 = np.random.default_rng(0).standard_normal((1, cfg.groups, cfg.tokens, cfg.dim)).astype(np.float16)
     if side == "numpy":
         from mist.device.adaptor import build
+
+        as_the_cli_does()
 
         model = build(cfg, params)
 
@@ -209,6 +212,26 @@ def predict_worker(side: str, shape: str, calls: int, rank: int, heads: int) -> 
         call()
         times.append(time.perf_counter() - start)
     return {"side": side, "ms": 1e3 * float(np.median(times)), "torch_loaded": "torch" in sys.modules}
+
+
+def as_the_cli_does() -> None:
+    """The allocator setting mist-device makes at start; a tree from before issue 23 (profiled through
+    PYTHONPATH for a before/after comparison) has none."""
+    try:
+        from mist.device.allocator import fix_mmap_threshold
+    except ImportError:
+        return
+    fix_mmap_threshold()
+
+
+def blas_kernel() -> str:
+    """NumPy's BLAS as threadpoolctl names it (library, version, kernel architecture), for the record."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "unknown (no threadpoolctl)"
+    return "; ".join(f"{i.get('internal_api')} {i.get('version')} {i.get('architecture')}" for i in threadpool_info()
+                     if i.get("user_api") == "blas" and "numpy" in str(i.get("filepath", "")))
 
 
 def run_child(args: list[str], threads: int) -> dict:
@@ -272,7 +295,8 @@ def main() -> None:
     for r in predict:
         print(f"{r['shape']:<6} {r['threads']:>3} {r['numpy_ms']:>9.2f} {r['torch_ms']:>9.2f} "
               f"{r['numpy_over_torch_speed']:>17.2f}")
-    print(f"\nload average (1, 5, 15 min) before {_load(load['before'])}, after {_load(load['after'])}, "
+    print(f"\nBLAS: {train[0]['blas'] if train else '?'}; OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')}")
+    print(f"load average (1, 5, 15 min) before {_load(load['before'])}, after {_load(load['after'])}, "
           f"{load['cpus']} CPUs")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     record = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "when": time.strftime("%Y-%m-%d %H:%M UTC",

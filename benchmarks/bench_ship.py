@@ -8,7 +8,12 @@ GIL). A feature set of float16 shards is pushed there once. Then, round after ro
 - ``mist pull``: ``copy_set`` into an empty folder: streaming sha256, temp name + rename, fsync, manifest last;
 - ``mist resume``: ``copy_set`` into a folder that already holds the whole set (every shard hashed, skipped).
 
-It reports medians over the rounds, the machine load before and after, and writes JSON.
+It reports medians over the rounds, the machine load before and after, and writes JSON. It also measures the
+sha256 rate of this machine as OpenSSL runs it natively and with the CPU's SHA instructions masked
+(OPENSSL_ia32cap), a proxy for a Raspberry Pi 4, whose cores have none; run the whole benchmark under such a
+mask to see a pull whose hashing is slow:
+
+    OPENSSL_ia32cap=":~0x20000000" .venv/bin/python benchmarks/bench_ship.py --out /tmp/bench_ship_nosha.json
 
     .venv/bin/python benchmarks/bench_ship.py                        # table + benchmarks/results/bench_ship.json
     .venv/bin/python benchmarks/bench_ship.py --shards 6 --shard-mib 16 --rounds 7    # a small set: fixed costs show
@@ -59,6 +64,25 @@ def process_cpu(pid: int) -> float:
     """CPU seconds (user + system) a process has used so far, from /proc (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# OPENSSL_ia32cap values: the SHA extensions off (CPUID 7 EBX bit 29); and SHA, AVX2 and AVX off (plain SSE code)
+SHA_MASKS = {"native": None, "no SHA instructions": ":~0x20000000", "no SHA, no AVX": "~0x1000000000000000:~0x20000020"}
+SHA_RATE = ("import hashlib, os, time; b = os.urandom(64 << 20); hashlib.sha256(b[:1 << 20]).digest(); "
+            "t = time.perf_counter(); hashlib.sha256(b).digest(); print(64 / (time.perf_counter() - t))")
+
+
+def sha256_rates(rounds: int = 3) -> dict[str, float]:
+    """MiB/s of one sha256 over 64 MiB, per OpenSSL CPU mask, median of ``rounds`` fresh processes."""
+    rates = {}
+    for name, mask in SHA_MASKS.items():
+        env = {k: v for k, v in os.environ.items() if k != "OPENSSL_ia32cap"}
+        if mask:
+            env["OPENSSL_ia32cap"] = mask
+        runs = [float(subprocess.run([sys.executable, "-c", SHA_RATE], env=env, capture_output=True, text=True,
+                                     check=True).stdout) for _ in range(rounds)]
+        rates[name] = statistics.median(runs)
+    return rates
 
 
 def write_set(directory: Path, shards: int, shard_mib: int) -> None:
@@ -185,12 +209,19 @@ def main() -> None:
         return by_name[v]["client_cpu_s"] + by_name[v]["server_cpu_s"]
 
     cpu_cost = total_cpu("mist pull") / total_cpu("plain+fsync") - 1
+    rates = sha256_rates()
     print(f"verification cost (mist pull vs plain+fsync, throughput lost): {cost:.1%}  (goal <= 10%)")
     print(f"extra CPU of mist pull over plain+fsync, client and server together: {cpu_cost:.1%}; the "
           f"wall-clock figure swings with the machine's load (above)")
+    print(f"mist pull / plain+fsync throughput: {medians['plain+fsync'] / medians['mist pull']:.2f} (goal >= 0.9); "
+          f"this run's OPENSSL_ia32cap: {os.environ.get('OPENSSL_ia32cap', 'unset')}")
+    print("sha256 MiB/s: " + ", ".join(f"{name} {rate:.0f}" for name, rate in rates.items()))
     result = {"benchmark": "bench_ship", "command": "python benchmarks/bench_ship.py " + " ".join(sys.argv[1:]),
               "shards": len(names), "bytes": total, "rounds": args.rounds, "rows": rows,
-              "verification_cost": cost, "extra_cpu": cpu_cost, "load_before": load_before, "load_after": load_after,
+              "verification_cost": cost, "extra_cpu": cpu_cost, "sha256_mib_per_s": rates,
+              "pull_over_plain_fsync": medians["plain+fsync"] / medians["mist pull"],
+              "openssl_ia32cap": os.environ.get("OPENSSL_ia32cap"),
+              "load_before": load_before, "load_after": load_after,
               "cpus": os.cpu_count(), "machine": platform.platform(), "python": platform.python_version(),
               "boto3": boto3.__version__, "botocore": botocore.__version__}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,12 +31,8 @@ _FLOAT = 4  # bytes: compute is float32 whatever the storage dtype
 
 
 def build(cfg: LAEConfig, params: dict[str, np.ndarray]) -> LAE | FastLAE:
-    """The model training, evaluation and prediction use: the fast path, checked against lae.LAE in tests.
-
-    A learned position table (pos_embed) is a full-rank (T, d) addition with a gradient, which the low-rank
-    rewrite does not cover: such configs get the readable LAE."""
-    if cfg.pos_embed:
-        return LAE(cfg, params)
+    """The model training, evaluation and prediction use: the fast path, checked against lae.LAE in tests
+    (a learned position table included: docs/performance.md (20), (21))."""
     return FastLAE(cfg, params)
 
 
@@ -100,27 +96,22 @@ def parameter_count(cfg: LAEConfig) -> int:
 
 
 def _fast_step_floats(cfg: LAEConfig, batch: int) -> tuple[int, int]:
-    """Floats FastLAE holds between steps (its reused buffers: O and each block's attention maps), and the
-    floats one step adds at its peak (the end of its forward and the start of its backward): each group's
-    projection GEMM Y and its centred part G, the backward's dO, every block's dqkv, a group's F^T cols
-    operand, and the temporaries of the dO and var_z updates."""
+    """Floats FastLAE holds between steps (its reused buffers: O and each block's softmax shifts and sums; the
+    attention maps are never stored), and the floats one step adds at its peak (the end of its forward and the
+    start of its backward): each group's projection GEMM Y (G is a view of it), the backward's dO, a group's
+    F^T cols operand (every block's dqkv is written into it), and the temporaries of the dO and var_z
+    updates."""
     T, r, h, nb, bpg = cfg.tokens, cfg.rank, cfg.heads, cfg.num_blocks, cfg.blocks_per_group
     NR = nb * (r + 1)
-    held = batch * T * (NR + nb * h * T)
+    held = batch * T * (NR + nb * 2 * h)
     step = 0
     for j in range(cfg.groups):
         read = nb if j == cfg.groups - 1 else max(0, (j + 1) * bpg - 1)
-        step += bpg * 3 * r + 2 * read * (r + 1)  # Y = F [A | W^T] and G
-    step += NR + 3 * r * nb + bpg * 3 * r + NR + 3 * NR  # dO, every dqkv, cols, temporaries
+        step += bpg * 3 * r + read * (r + 1)  # Y = F [Abar | Wc^T]
+    step += NR + bpg * 3 * r + NR + 3 * NR  # dO, cols, temporaries
+    if cfg.pos_embed:
+        step += 3 * cfg.groups  # each group's mean and variance of F + pos_embed, and their covariance term
     return held, batch * T * step
-
-
-def _readable_step_floats(cfg: LAEConfig, batch: int) -> int:
-    """Floats the readable LAE (the pos_embed fallback) keeps until its next forward: every block's LayerNorm
-    and attention caches."""
-    T, d, r, h = cfg.tokens, cfg.dim, cfg.rank, cfg.heads
-    per_block = 3 * T * d + 5 * T * r + 2 * h * T * T
-    return batch * (max(cfg.num_blocks, 1) * per_block + 4 * T * d)
 
 
 def memory_bytes(cfg: LAEConfig, batch: int, keeps_best: bool = True) -> tuple[int, int]:
@@ -128,20 +119,15 @@ def memory_bytes(cfg: LAEConfig, batch: int, keeps_best: bool = True) -> tuple[i
     (memory.batch_bytes counts that): weights, gradients, two AdamW moments, the best epoch's copy, and the
     activations of a step."""
     weights = _FLOAT * (5 if keeps_best else 4) * parameter_count(cfg)
-    if cfg.pos_embed:
-        return weights + _FLOAT * _readable_step_floats(cfg, batch), 0
     held, step = _fast_step_floats(cfg, batch)
     return weights + _FLOAT * held, _FLOAT * step
 
 
 def inference_bytes(cfg: LAEConfig, batch: int) -> int:
     """Bytes to run the adaptor over chunks of ``batch`` rows: weights once and one chunk's activations
-    (evaluation reuses one attention buffer for every block)."""
+    (the attention maps live in per-thread chunks of about 1 MB, counted in memory.py's slack)."""
     T, r, h, NR = cfg.tokens, cfg.rank, cfg.heads, cfg.num_blocks * (cfg.rank + 1)
-    if cfg.pos_embed:
-        step = _readable_step_floats(cfg, batch) // max(cfg.num_blocks, 1)
-    else:
-        step = batch * (T * (NR + 2 * 3 * r * cfg.blocks_per_group + 2 * NR) + h * T * T)
+    step = batch * (T * (NR + 2 * 3 * r * cfg.blocks_per_group + 2 * NR + 3 * cfg.pos_embed + 2 * h))
     return _FLOAT * (parameter_count(cfg) + step)
 
 
@@ -228,7 +214,7 @@ def candidates(base: LAEConfig, options: dict[str, Any]) -> list[tuple[str, LAEC
 
 
 def reads(cfg: LAEConfig) -> str:
-    return "features" if cfg.pos_embed else "maps"  # as build: the readable LAE, or the fast path
+    return "maps"  # as build: the fast path, which reads the prepared maps
 
 
 KIND = ModelKind(name="lae", trains="steps", config=LAEConfig, build=build, from_checkpoint=from_checkpoint,

@@ -40,6 +40,9 @@ def main() -> None:
 
     Feature sets come from `mist-cloud extract`; nothing here needs torch.
     """
+    from .allocator import fix_mmap_threshold
+
+    fix_mmap_threshold()  # before any array: freed temporaries must not stay in the heap (allocator.py)
 
 
 # ---- info / verify ----------------------------------------------------------------------------------------

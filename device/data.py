@@ -28,7 +28,7 @@ import numpy as np
 from mist.formats import FeatureSet
 
 from .errors import TrainingError
-from .parallel import run_chunks, scratch
+from .parallel import run_chunks
 
 READS = ("maps", "features")
 
@@ -96,33 +96,43 @@ def empty_maps(k: int, n: int, T: int, d: int, dtype: np.dtype) -> FrozenMaps:
     return FrozenMaps(np.empty((k, n, T, d), dtype), np.empty((k, n, T), dtype), np.empty((k, n, T), dtype))
 
 
+_CHUNK_BYTES = 1 << 20  # float32 maps per thread chunk of the data step: a few images, in cache for the statistics
+
+
 def fill_maps(out: FrozenMaps, read: Callable[[slice], np.ndarray], n: int, input_scale: float) -> None:
     """Fill ``out`` from ``read(rows) -> (len(rows), k, T, d)``: cast, scale, sum the groups, per-token
-    statistics, in one pass per image, a few images per thread chunk."""
+    statistics, in thread chunks of about _CHUNK_BYTES of images (one ViT-B image, twenty-odd Lite0 ones),
+    which stay in cache for the statistics.
+
+    The statistics take two reads of the chunk, not four passes: the mean is a GEMV with a (d,) vector of
+    1/d, and the variance E[f^2] - mu^2 with E[f^2] from one einsum. That form loses digits when the mean
+    dominates the spread (mu^2 > var: it subtracts two close numbers), so those tokens alone are computed
+    again the two-pass way; tests/test_fast_lae.py holds the result to the two-pass one."""
     maps, mean, var, dtype = out.maps, out.mean, out.var, out.maps.dtype
     k, _, T, d = maps.shape
+    inv_d = np.full(d, 1.0 / d, dtype)
 
     def work(rows: slice) -> None:
         x = read(rows)
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows: see FrozenMaps.nonfinite_rows
-            for i in range(rows.stop - rows.start):
-                b = rows.start + i
-                for j in range(k):
-                    f = maps[j, b]
-                    if input_scale != 1.0:  # as LAE: cast first, then scale in the compute dtype
-                        np.multiply(x[i, j], input_scale, out=f, dtype=dtype)
-                    else:
-                        f[...] = x[i, j]
-                    if j:
-                        f += maps[j - 1, b]
-                    mu = f.mean(axis=-1)
-                    centred = scratch("centred", (T, d), dtype)
-                    np.subtract(f, mu[:, None], out=centred)
-                    np.multiply(centred, centred, out=centred)
-                    mean[j, b] = mu
-                    var[j, b] = centred.mean(axis=-1)
+            for j in range(k):
+                f = maps[j, rows]
+                if input_scale != 1.0:  # as LAE: cast first, then scale in the compute dtype
+                    np.multiply(x[:, j], input_scale, out=f, dtype=dtype)
+                else:
+                    f[...] = x[:, j]
+                if j:
+                    f += maps[j - 1, rows]
+                mu = np.matmul(f, inv_d, out=mean[j, rows])
+                v = np.einsum("ntd,ntd->nt", f, f, out=var[j, rows])
+                v *= 1.0 / d
+                v -= mu * mu
+                close = np.nonzero(mu * mu > v)  # NaN compares False: a non-finite token stays so
+                if len(close[0]):
+                    centred = f[close] - mu[close][:, None]
+                    v[close] = np.einsum("td,td->t", centred, centred) / d
 
-    run_chunks(work, n, 4)
+    run_chunks(work, n, max(1, _CHUNK_BYTES // (T * d * maps.itemsize)))
 
 
 def prepare_maps(x: np.ndarray, input_scale: float, dtype: np.dtype,

@@ -17,8 +17,10 @@ import fnmatch
 import hashlib
 import json
 import re
+import threading
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -143,6 +145,37 @@ def _check_names(manifest: Manifest, where: str) -> None:
         seen[folded] = shard.file
 
 
+_hash_pool: ThreadPoolExecutor | None = None
+_hash_pool_lock = threading.Lock()
+
+
+class _BackgroundHash:
+    """A sha256 computed in a thread of its own while the caller writes this chunk and reads the next:
+    hashlib releases the GIL on large buffers, so verification overlaps the transfer instead of adding to it.
+    One chunk at most is being hashed, so memory stays at a chunk or two; ``hexdigest`` waits for the last."""
+
+    def __init__(self) -> None:
+        global _hash_pool
+        with _hash_pool_lock:
+            if _hash_pool is None:
+                _hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mist-sha256")
+        self._pool, self._digest = _hash_pool, hashlib.sha256()
+        self._pending: Future | None = None
+
+    def update(self, block: bytes) -> None:
+        self._wait()
+        self._pending = self._pool.submit(self._digest.update, block)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def hexdigest(self) -> str:
+        self._wait()
+        return self._digest.hexdigest()
+
+
 def _hash_stream(chunks: Iterable[bytes], digest: Any, progress: Progress, throttle: _Throttle,
                  ) -> Iterator[bytes]:
     for block in chunks:
@@ -154,7 +187,7 @@ def _hash_stream(chunks: Iterable[bytes], digest: Any, progress: Progress, throt
 
 def _matches(store: Store, name: str, sha256: str, progress: Progress, throttle: _Throttle,
              ) -> bool:
-    digest = hashlib.sha256()
+    digest = _BackgroundHash()
     for _ in _hash_stream(store.chunks(name), digest, progress, throttle):
         pass
     return digest.hexdigest() == sha256
@@ -228,7 +261,7 @@ def copy_set(src: Store, dst: Store, progress: Progress | None = None,
 def _copy_shard(src: Store, dst: Store, name: str, sha256: str, size: int,
                 progress: Progress, throttle: _Throttle, chunk: int) -> None:
     for attempt in range(DOWNLOAD_ATTEMPTS):
-        digest = hashlib.sha256()
+        digest = _BackgroundHash()
 
         def check(digest: Any = digest) -> None:
             if digest.hexdigest() != sha256:

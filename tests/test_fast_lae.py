@@ -173,3 +173,65 @@ def test_evaluation_chunks_are_capped_by_memory_not_batch_size():
     vit_b = LAEConfig(dim=768, tokens=197, groups=1, num_classes=10)
     assert eval_chunk_rows(vit_b, 10_000) == eval_chunk_rows(vit_b, 27) == 27
     assert eval_chunk_rows(vit_b, 3) == 3
+
+
+# ---- the learned position table (pos_embed) in the fast path: equations (20), (21) of docs/performance.md ----
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_pos_embed_random_shapes_match_the_reference(seed):
+    assert_same(*random_case(200 + seed, pos_embed=True))
+
+
+@pytest.mark.parametrize("groups, blocks_per_group, pool", list(itertools.product([1, 3], [0, 1, 2], ["mean", "cls"])))
+def test_pos_embed_every_config_matches_the_reference(groups, blocks_per_group, pool):
+    cfg, params, x, labels = random_case(300 + groups, groups=groups, blocks_per_group=blocks_per_group, pool=pool,
+                                         pos_embed=True)
+    params["pos_embed"] += 5.0  # a table far from zero mean: the statistics (20) must carry its offset
+    assert_same(cfg, params, x, labels)
+
+
+def test_pos_embed_trains_with_the_reference_and_builds_the_fast_path():
+    """Five AdamW steps with the table learning, two batch sizes: the weights (the table included) stay
+    together, and build() now gives the fast path for such a config."""
+    from mist.device.optim import AdamW, clip_grad_norm
+
+    cfg, params, x, labels = random_case(17, groups=2, blocks_per_group=1, tokens=7, dim=24, rank=4, heads=2,
+                                         pos_embed=True)
+    assert isinstance(build_model(cfg, params), FastLAE)
+    models = [LAE(cfg, {n: p.copy() for n, p in params.items()}),
+              build_model(cfg, {n: p.copy() for n, p in params.items()})]
+    optims = [AdamW(m.params, lr=1e-2, weight_decay=1e-2) for m in models]
+    for step in range(5):
+        rows = slice(step % 2, None, 2) if step % 2 else slice(None)
+        for model, opt in zip(models, optims):
+            _, grads, _ = loss_and_grads(model, x[rows], labels[rows], 0.1)
+            clip_grad_norm(grads, 1.0)
+            opt.step(grads)
+    assert np.abs(models[1].params["pos_embed"] - params["pos_embed"]).max() > 1e-3  # it did learn
+    for name in params:
+        np.testing.assert_allclose(models[1].params[name], models[0].params[name], rtol=0, atol=ATOL, err_msg=name)
+
+
+@pytest.mark.parametrize("spread", [1.0, 40.0])
+def test_attention_kernels_match_the_reference_even_where_the_shift_bound_underflows(spread):
+    """The fast kernels shift scores by a Cauchy-Schwarz bound, not the row maximum; with spread 40 the bound
+    lies hundreds of nats above many rows' maxima, whose sums underflow and are computed again exactly."""
+    from mist.device.attention import (
+        attention_backward,
+        attention_backward_fast,
+        attention_forward,
+        attention_forward_fast,
+    )
+
+    rng = np.random.default_rng(int(spread))
+    B, T, r, heads = 3, 9, 8, 2
+    qkv = rng.standard_normal((B, T, 3 * r)) * spread
+    do = rng.standard_normal((B, T, r))
+    out, cache = attention_forward(qkv, np.eye(3 * r), np.zeros(3 * r), np.eye(r), np.zeros(r), heads)
+    dqkv, *_ = attention_backward(do, cache)
+    o, shifts, inv_sums = np.empty((B, T, r)), np.empty((B, heads, T)), np.empty((B, heads, T))
+    attention_forward_fast(qkv, o, heads, shifts, inv_sums)
+    np.testing.assert_allclose(o, out, rtol=0, atol=ATOL * spread)
+    np.testing.assert_allclose(attention_backward_fast(do, qkv, o, heads, shifts, inv_sums), dqkv, rtol=0,
+                               atol=ATOL * spread)
