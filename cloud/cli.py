@@ -160,7 +160,8 @@ def extract(model: str, pretrained: bool, weights: str | None, random_init: bool
             out: str, groups: str, scale: str, dtype: str, batch_size: int, workers: int, threads: int | None,
             shard_rows: int, limit: int | None, per_class: int | None, seed: int, img_size: int | None,
             crop_pct: float | None, crop_mode: str | None, interpolation: str | None, pool: str,
-            label_multiple: int, model_kwargs: dict | None, overwrite: bool, device: str, progress: str, autocast: str, sign_key) -> None:
+            label_multiple: int, model_kwargs: dict | None, overwrite: bool, device: str, progress: str, autocast: str,
+            sign_key) -> None:
     """Extract Gather* features of --data through --model into the feature set --out.
 
     Rerunning the same command after an interruption resumes after the last whole shard. Under `torchrun

@@ -165,7 +165,8 @@ def extract(cfg: ExtractConfig, log: Log = print) -> ExtractResult:
                 yield batch, labels, row_ids
 
         done = distributed.extract(ranks, Path(cfg.out), manifest, ids, shard_rows, cfg.overwrite, source.describe,
-                                   classification_features, lambda total: _Progress(total, progress_mode, cfg.log_every, log), log,
+                                   classification_features,
+                                   lambda total: _Progress(total, progress_mode, cfg.log_every, log), log,
                                    signer=cfg.sign_key)
         distributed.leave(ranks)
         return ExtractResult(done.manifest, done.rows_written, done.resumed_rows, done.skipped, done.seconds)

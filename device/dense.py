@@ -22,8 +22,8 @@ import numpy as np
 from mist.formats import Checkpoint, FormatError, Manifest
 
 from .dense_layers import grid_backward, grid_forward, upsample_backward, upsample_forward
-from .layers import linear_backward, linear_forward
 from .lae import LAE, LAEConfig, init_params
+from .layers import linear_backward, linear_forward
 
 DENSE_LAE, DENSE_PROBE = "dense-lae", "dense-probe"
 DENSE_KINDS = (DENSE_LAE, DENSE_PROBE)
