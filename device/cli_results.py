@@ -52,9 +52,14 @@ def evaluate(adaptor: str, test_set: str, as_json: bool, batch_size: int, no_ver
     TEST_SET may hold a subset of the training classes (matched by name); a class the adaptor was not
     trained on is refused, by name.
     """
+    from . import dense_cli
     from .evaluation import evaluate_by_name
     from .progress import rows_progress
 
+    dense = dense_cli.dense_checkpoint(adaptor)
+    if dense is not None:  # a segmentation model: mIoU, pixel accuracy, per-class IoU
+        dense_cli.evaluate(dense, test_set, as_json, batch_size, no_verify)
+        return
     trust = current_trust()
     ckpt, model, path = load_adaptor(adaptor, trust)
     fs = open_set(test_set, verify=not no_verify, trust=trust)
@@ -124,8 +129,17 @@ def predict(adaptor: str, feature_set: tuple[str, ...], top_k: int, fmt: str, as
     """
     import numpy as np
 
+    from . import dense_cli
     from .evaluation import evaluate_rows
 
+    dense = dense_cli.dense_checkpoint(adaptor)
+    if dense is not None and server is None:  # a segmentation model: one palette PNG mask per row, into --out DIR
+        dense_cli.predict(dense, feature_set[0] if len(feature_set) == 1 else "", output, overwrite, batch_size,
+                          no_verify)
+        return
+    if dense is not None:
+        raise click.UsageError("predict --server with a segmentation model is not supported yet; extract the "
+                               "images into a feature set and predict on it")
     fmt = "json" if as_json else fmt
     if output is not None:
         refuse_to_replace(output, overwrite)
@@ -223,8 +237,13 @@ def report(run_dir: str, test_set: str | None, out_dir: str | None, overwrite: b
     configuration's validation accuracy, and on TEST_SET the chosen model's confusion matrix; prints a
     per-class precision/recall/F1 table. The model is RUN_DIR's best.safetensors (else its last).
     """
+    from . import dense_cli
     from . import report as rep
 
+    dense = dense_cli.dense_checkpoint(run_dir)
+    if dense is not None:  # a segmentation run: its candidates, and on TEST_SET mIoU and a picture of masks
+        dense_cli.report(dense, run_dir, test_set, out_dir, overwrite, batch_size, no_verify)
+        return
     run_path = Path(run_dir)
     record = rep.read_run(run_path)
     out = Path(out_dir) if out_dir else run_path / "report"

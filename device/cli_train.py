@@ -102,6 +102,16 @@ def train(train_set: str, run_dir: str, val_set: str | None, val_split: float, r
     if val_set is not None:
         val_fs = open_set(val_set, verify=not no_verify, trust=trust)
         check_compatible(train_fs.manifest, val_fs.manifest)
+    if train_fs.manifest.task is not None:  # a segmentation set: the dense models (device/dense_cli.py)
+        from . import dense_cli
+        from .dense_train import DenseOptions
+
+        opts = DenseOptions(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, weight_decay=weight_decay,
+                            warmup_fraction=warmup_fraction, grad_clip=grad_clip, seed=seed,
+                            val_split=val_split, val_seed=val_seed)
+        settings = {"rank": rank, "heads": heads, "blocks_per_group": blocks_per_group, "pos_embed": pos_embed}
+        dense_cli.train(train_fs, val_fs, run_dir, model_kind, opts, settings, overwrite)
+        return
     try:
         cfg = build_config(train_fs, rank=rank, heads=heads, blocks_per_group=blocks_per_group, pool=pool,
                            input_scale=input_scale, pos_embed=pos_embed)
