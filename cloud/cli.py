@@ -143,8 +143,7 @@ def _weights_choice(pretrained: bool, weights: str | None, random_init: bool) ->
               help="Ship each summed map pooled to one token (T=1): the mean of its tokens, or the class token. "
                    "A probe then ships d values per map instead of T x d.")
 @click.option("--label-multiple", type=click.IntRange(1, 16), default=4,
-              help="Segmentation folders: label maps ship at this multiple of the token grid (4: 56x56 labels "
-                   "on a 14x14 grid, one byte each).")
+              help="Segmentation folders: label maps ship at this multiple of the token grid (1 byte a pixel).")
 @_MODEL_KWARGS
 @click.option("--overwrite", is_flag=True, help="Replace an existing set instead of resuming it.")
 @click.option("--device", default="cpu",
@@ -342,9 +341,8 @@ Examples:
       --pool mean --out feats/probe             # a pooled vector per image, for a linear probe
   mist-cloud extract --model vit_base_patch16_224 --weights vit.safetensors --data list.csv \\
       --groups 0-6,7-12 --scale mean --device auto --out feats/vit
---data is an ImageFolder (one subfolder per class), a segmentation folder (DIR/images/NAME.png|jpg,
-DIR/masks/NAME.png label maps, DIR/classes.txt; docs/segmentation.md), a CSV of 'path,label' lines,
-or fashion-mnist[:DIR].
+--data is an ImageFolder (one subfolder per class), a segmentation folder (images/, masks/, classes.txt;
+docs/segmentation.md), a CSV of 'path,label' lines, or fashion-mnist[:DIR].
 Every set made for one adaptor (train, validation, test) needs the same --model, weights, --groups,
 --scale, --pool and data options; the device refuses to mix sets that differ.""",
     "convert": """\b
