@@ -96,8 +96,9 @@ def evaluate(adaptor: str, test_set: str, as_json: bool, batch_size: int, no_ver
 @click.option("--top-k", type=click.IntRange(1), default=1, help="How many classes to list per row.")
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv")
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
-@click.option("--out", "output", type=click.Path(dir_okay=False), default=None,
-              help="Write the predictions to this file instead of stdout.")
+@click.option("--out", "output", type=click.Path(), default=None,
+              help="Write the predictions to this file instead of stdout (a segmentation model: the folder for "
+                   "its mask PNGs).")
 @click.option("--overwrite", is_flag=True, help="Replace the --out file if it exists.")
 @click.option("--batch-size", type=click.IntRange(1), default=128,
               help="Rows per forward pass, capped so each pass holds at most 16 MB of float32 features "
@@ -133,14 +134,16 @@ def predict(adaptor: str, feature_set: tuple[str, ...], top_k: int, fmt: str, as
     from .evaluation import evaluate_rows
 
     dense = dense_cli.dense_checkpoint(adaptor)
-    if dense is not None and server is None:  # a segmentation model: one palette PNG mask per row, into --out DIR
+    if dense is not None and server is not None:  # a segmentation model: one palette PNG mask per image
+        dense_cli.predict_server(dense, server, list(feature_set), token_file, ca_cert, server_pins, output, overwrite)
+        return
+    if dense is not None:
         dense_cli.predict(dense, feature_set[0] if len(feature_set) == 1 else "", output, overwrite, batch_size,
                           no_verify)
         return
-    if dense is not None:
-        raise click.UsageError("predict --server with a segmentation model is not supported yet; extract the "
-                               "images into a feature set and predict on it")
     fmt = "json" if as_json else fmt
+    if output is not None and Path(output).is_dir():
+        raise click.UsageError(f"--out {output}: a folder; a classifier's predictions go to a file")
     if output is not None:
         refuse_to_replace(output, overwrite)
     trust = current_trust()

@@ -104,11 +104,7 @@ def predict(found: tuple[Any, Path], feature_set: str, out_dir: str | None, over
             no_verify: bool) -> None:
     """One palette PNG label map per row of FEATURE_SET, named by the row's source id, into --out DIR."""
     ckpt, path = found
-    if out_dir is None:
-        raise click.UsageError("a dense model writes one mask PNG per image: pass --out DIR")
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise click.UsageError(f"--out {out}: not empty; pass --overwrite to write into it")
+    out = _mask_folder(out_dir, overwrite)
     fs = _open_against(ckpt, path, feature_set, no_verify)
     model = from_checkpoint(ckpt, str(path))
     out.mkdir(parents=True, exist_ok=True)
@@ -122,6 +118,45 @@ def predict(found: tuple[Any, Path], feature_set: str, out_dir: str | None, over
             write_png(out / f"{int(fs.ids[row]):06d}.png", mask, palette)
     click.echo(f"wrote {len(fs)} masks ({model.cfg.label_size[0]}x{model.cfg.label_size[1]} palette PNGs, "
                f"pixel value = class index as in {', '.join(ckpt.classes[:3])}...) to {out}", err=True)
+
+
+def predict_server(found: tuple[Any, Path], url: str, images: list[str], token_file: str | None,
+                   ca_cert: str | None, pins: tuple[str, ...], out_dir: str | None, overwrite: bool) -> None:
+    """``predict --server`` with a dense model: each image's sums come from ``mist-cloud serve``, the mask is
+    computed here and written as OUT/NAME.png (the image's file name, its extension replaced)."""
+    from . import remote
+
+    ckpt, path = found
+    out = _mask_folder(out_dir, overwrite)
+    stems = [Path(name).stem for name in images]
+    if len(set(stems)) != len(stems):
+        raise click.UsageError("two images share a file name; their masks would overwrite each other")
+    server = remote.RemoteBackbone(url, remote.read_token(token_file), ca_cert, pins=pins)
+    remote.check_server(server, training_layout(ckpt.feature_set, str(path)), path)
+    model = from_checkpoint(ckpt, str(path))
+    palette = label_palette()
+    out.mkdir(parents=True, exist_ok=True)
+    for begin in range(0, len(images), server.max_images):
+        names = images[begin:begin + server.max_images]
+        files = []
+        for name in names:
+            try:
+                files.append((name, Path(name).read_bytes()))
+            except OSError as e:
+                raise click.ClickException(f"{name}: {e.strerror or e.__class__.__name__}") from None
+        predicted = model.forward(server.features(files), keep_cache=False).argmax(axis=-1).astype(np.uint8)
+        for name, mask in zip(names, predicted):
+            write_png(out / f"{Path(name).stem}.png", mask, palette)
+    click.echo(f"wrote {len(images)} masks to {out} (features from {url})", err=True)
+
+
+def _mask_folder(out_dir: str | None, overwrite: bool) -> Path:
+    if out_dir is None:
+        raise click.UsageError("a dense model writes one mask PNG per image: pass --out DIR")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise click.UsageError(f"--out {out}: not empty; pass --overwrite to write into it")
+    return out
 
 
 def report(found: tuple[Any, Path], run_dir: str, test_set: str | None, out_dir: str | None, overwrite: bool,

@@ -222,3 +222,31 @@ def test_walk_through_extract_train_evaluate_report_predict(tmp_path: Path) -> N
     # a dense model on a classification set, and a second train into the same run: one line each
     refused = _cli("mist.device", "train", str(feats["train"]), "--out", str(run), "--epochs", "1", ok=False)
     assert "already holds a run" in refused.stderr and "Traceback" not in refused.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_FMNIST, reason="Debian's dataset-fashion-mnist is not installed")
+def test_predict_server_writes_the_masks_of_the_extracted_features(tmp_path: Path) -> None:
+    """predict --server on image files gives the masks predict gives on the same images' extracted features
+    (served sums agree with extracted ones to a float16 step, so an argmax may flip at a rare pixel)."""
+    from serve_helpers import Server
+
+    from benchmarks.tasks.segmentation import generate
+
+    generate(tmp_path / "task", train=8, test=0, canvas=64)
+    backbone = ["--model", "test_vit", "--random-init", "--img-size", "64", "--groups", "1,2"]
+    feats, run = tmp_path / "feats", tmp_path / "run"
+    _cli("mist.cloud", "extract", *backbone, "--workers", "0", "--progress", "none", "--data",
+         str(tmp_path / "task" / "train"), "--out", str(feats))
+    _cli("mist.device", "train", str(feats), "--out", str(run), "--model", "probe", "--epochs", "2")
+    _cli("mist.device", "predict", str(run), str(feats), "--out", str(tmp_path / "local"))
+    images = sorted(str(p) for p in (tmp_path / "task" / "train" / "images").iterdir())
+    server = Server(tmp_path / "serve.log", *backbone, token=None)
+    try:
+        _cli("mist.device", "predict", str(run), *images, "--server", server.url, "--out", str(tmp_path / "remote"))
+    finally:
+        server.stop()
+    for i, image in enumerate(images):  # source ids are positions in name order
+        with Image.open(tmp_path / "local" / f"{i:06d}.png") as a, \
+                Image.open(tmp_path / "remote" / f"{Path(image).stem}.png") as b:
+            assert (np.asarray(a) == np.asarray(b)).mean() > 0.98
