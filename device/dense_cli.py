@@ -175,13 +175,14 @@ def report(found: tuple[Any, Path], run_dir: str, test_set: str | None, out_dir:
     targets = [out / "report.json", out / "masks.png"]
     if any(p.exists() for p in targets) and not overwrite:
         raise click.UsageError(f"{out}: already holds a report; pass --overwrite or --out another folder")
-    click.echo(f"segmentation run: chose {summary['chosen']} on {summary['val_rows']} validation images "
+    chosen = summary.get("chosen_name", summary["chosen"])
+    click.echo(f"segmentation run: chose {chosen} on {summary['val_rows']} validation images "
                f"({summary['train_rows']} trained on)")
-    click.echo(f"  {'model':<12} {'val mIoU':>8} {'pixel acc':>9} {'epoch':>5} {'params':>9} {'train s':>8}")
+    click.echo(f"  {'model':<22} {'val mIoU':>8} {'pixel acc':>9} {'epoch':>5} {'params':>9} {'train s':>8}")
     for c in summary["candidates"]:
         miou = "-" if c.get("val_miou") is None else f"{c['val_miou']:.4f}"
         acc = "-" if c.get("val_pixel_accuracy") is None else f"{c['val_pixel_accuracy']:.4f}"
-        click.echo(f"  {c['kind']:<12} {miou:>8} {acc:>9} {c['best_epoch']:>5} {c['parameters']:>9,} "
+        click.echo(f"  {c.get('name', c['kind']):<22} {miou:>8} {acc:>9} {c['best_epoch']:>5} {c['parameters']:>9,} "
                    f"{c['seconds']:>8.1f}")
     body = {"run_dir": run_dir, "summary": summary}
     out.mkdir(parents=True, exist_ok=True)

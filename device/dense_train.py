@@ -1,9 +1,10 @@
 """Training dense models on a segmentation set, and scoring them: mean IoU, pixel accuracy, per-class IoU.
 
 ``mist-device train`` hands a segmentation set here (device/cli_train.py). ``--model lae`` trains the dense
-LAE, ``--model probe`` the dense probe, ``--model auto`` both; each keeps its best epoch by validation mIoU,
-and auto keeps the candidate with the best validation mIoU (ties: the probe, the smaller model). Nothing
-is chosen on a test set.
+LAE (at ``--lr``), ``--model probe`` the dense probe at each of ``PROBE_LRS`` (a single linear layer's best
+step size is not the adaptor's, and the baseline deserves its own), ``--model auto`` all of them; each keeps
+its best epoch by validation mIoU, and the candidate with the best validation mIoU is kept (ties: the one
+trained first, a probe). Nothing is chosen on a test set.
 
 A step is the one in device/step.py with the pixel loss: forward, pixel cross-entropy (255 ignored),
 backward, refuse a non-finite loss, clip, warm-up + cosine schedule, AdamW. The run directory holds
@@ -35,6 +36,7 @@ from .optim import AdamW, clip_grad_norm, lr_schedule
 
 SUMMARY_NAME = "dense.json"
 BEST_NAME = "best.safetensors"
+PROBE_LRS = (1e-2, 3e-2, 1e-1)  # on standardised inputs; chosen on validation like every candidate
 CHOICES = {"lae": (DENSE_LAE,), "probe": (DENSE_PROBE,), "auto": (DENSE_PROBE, DENSE_LAE)}
 
 
@@ -43,7 +45,6 @@ class DenseOptions:
     epochs: int = 30
     batch_size: int = 32
     lr: float = 1e-3
-    probe_lr: float = 1e-2  # a single linear layer on standardised inputs takes larger steps
     min_lr: float = 0.0
     weight_decay: float = 1e-4
     warmup_fraction: float = 0.1
@@ -121,9 +122,10 @@ def train_dense(run_dir: str | Path, train_fs: FeatureSet, val_fs: FeatureSet | 
         seed = opts.seed if opts.val_seed is None else opts.val_seed
         train_rows, val_rows = split_images(len(train_fs), opts.val_split, seed)
         val_source = train_fs
-    kinds = CHOICES[choice]
-    if len(kinds) > 1 and not len(val_rows):
-        raise TrainingError("--model auto chooses on validation: pass --val-split or --val")
+    plan = [(kind, lr) for kind in CHOICES[choice] for lr in (PROBE_LRS if kind == DENSE_PROBE else (opts.lr,))]
+    if len(plan) > 1 and not len(val_rows):
+        raise TrainingError(f"--model {choice} chooses among {len(plan)} candidates on validation: pass "
+                            "--val-split or --val")
     if not len(train_rows):
         raise TrainingError(f"{train_fs.directory}: no rows left to train on")
     run.mkdir(parents=True, exist_ok=True)
@@ -132,11 +134,11 @@ def train_dense(run_dir: str | Path, train_fs: FeatureSet, val_fs: FeatureSet | 
     x = read_rows(train_fs, train_rows)  # float32 (n, k, T, d), refusing NaN or inf
     masks = train_fs.read_masks(train_rows)
     candidates, best = [], None
-    for kind in kinds:
+    for kind, lr in plan:
         start = time.perf_counter()
-        model, record = _train_one(kind, cfg, x, masks, val_source, val_rows, opts, run, log)
-        record.update(kind=kind, describe=describe(model), parameters=parameter_count(model),
-                      seconds=round(time.perf_counter() - start, 2))
+        model, record = _train_one(kind, lr, cfg, x, masks, val_source, val_rows, opts, run, log)
+        record.update(kind=kind, name=f"{kind}-lr-{lr:g}", lr=lr, describe=describe(model),
+                      parameters=parameter_count(model), seconds=round(time.perf_counter() - start, 2))
         candidates.append(record)
         if best is None or (record["val_miou"] or 0.0) > (best[1]["val_miou"] or 0.0):
             best = (model, record)
@@ -144,20 +146,20 @@ def train_dense(run_dir: str | Path, train_fs: FeatureSet, val_fs: FeatureSet | 
     ckpt = Checkpoint(params=model.params, config=model.cfg.to_dict(), classes=list(train_fs.manifest.classes),
                       feature_set=feature_set_record(train_fs), kind=model.kind)
     save_checkpoint(run / BEST_NAME, ckpt)
-    summary = {"task": "segmentation", "chosen": record["kind"], "candidates": candidates,
+    summary = {"task": "segmentation", "chosen": record["kind"], "chosen_name": record["name"],
+               "candidates": candidates,
                "train_rows": int(len(train_rows)), "val_rows": int(len(val_rows)),
                "options": {**opts.__dict__, **settings, "model": choice}}
     atomic_write_json(run / SUMMARY_NAME, summary)
     why = (f"highest validation mIoU ({record['val_miou']:.4f} on {len(val_rows)} images)" if len(val_rows)
            else "the only candidate, no validation")
-    log(f"chose {record['kind']}: {why}; checkpoint {run / BEST_NAME}")
+    log(f"chose {record['name']}: {why}; checkpoint {run / BEST_NAME}")
     return summary
 
 
-def _train_one(kind: str, cfg: DenseConfig, x: np.ndarray, masks: np.ndarray, val_fs: FeatureSet,
+def _train_one(kind: str, lr: float, cfg: DenseConfig, x: np.ndarray, masks: np.ndarray, val_fs: FeatureSet,
                val_rows: np.ndarray, opts: DenseOptions, run: Path, log: Callable[[str], None]):
     model = build(kind, cfg, init_dense(kind, cfg, opts.seed, x))
-    lr = opts.probe_lr if kind == DENSE_PROBE else opts.lr
     optimizer = AdamW(trainable(model), lr=lr, weight_decay=opts.weight_decay)
     batch = min(opts.batch_size, len(x))
     per_epoch = -(-len(x) // batch)
@@ -178,13 +180,13 @@ def _train_one(kind: str, cfg: DenseConfig, x: np.ndarray, masks: np.ndarray, va
             optimizer.step(grads, lr=lr_schedule(step, total, lr, warmup, opts.min_lr))
             losses.append(loss)
             step += 1
-        record = {"model": kind, "epoch": epoch + 1, "loss": float(np.mean(losses))}
+        record = {"model": f"{kind}-lr-{lr:g}", "epoch": epoch + 1, "loss": float(np.mean(losses))}
         if len(val_rows):
             val = scores(predict_rows(model, val_fs, val_rows, 64), list(val_fs.manifest.classes))
             record.update(val_miou=val["miou"], val_pixel_accuracy=val["pixel_accuracy"])
         with open(run / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        log(f"{kind} epoch {epoch + 1}/{opts.epochs}: loss {record['loss']:.4f}"
+        log(f"{record['model']} epoch {epoch + 1}/{opts.epochs}: loss {record['loss']:.4f}"
             + (f", val mIoU {record['val_miou']:.4f}, pixel acc {record['val_pixel_accuracy']:.4f}"
                if len(val_rows) else ""))
         better = best_record is None or not len(val_rows) or record["val_miou"] > best_record["val_miou"]

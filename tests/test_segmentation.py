@@ -205,9 +205,10 @@ def test_walk_through_extract_train_evaluate_report_predict(tmp_path: Path) -> N
                "0.25", "--epochs", "3", "--rank", "8", "--heads", "2").stdout
     assert "chose dense-" in out
     summary = json.loads((run / "dense.json").read_text())
-    assert {c["kind"] for c in summary["candidates"]} == {"dense-lae", "dense-probe"}
-    best = max(summary["candidates"], key=lambda c: c["val_miou"])["kind"]
-    assert summary["chosen"] == best
+    assert [c["name"] for c in summary["candidates"]] == ["dense-probe-lr-0.01", "dense-probe-lr-0.03",
+                                                          "dense-probe-lr-0.1", "dense-lae-lr-0.001"]
+    best = max(summary["candidates"], key=lambda c: c["val_miou"])
+    assert (summary["chosen_name"], summary["chosen"]) == (best["name"], best["kind"])
     result = json.loads(_cli("mist.device", "evaluate", str(run), str(feats["test"]), "--json").stdout)
     assert result["images"] == 8 and 0 <= result["miou"] <= 1 and result["pixels"] == 8 * 16 * 16
     assert len(result["per_class"]) == 11 and result["per_class"][0]["class"] == "background"
@@ -238,7 +239,7 @@ def test_predict_server_writes_the_masks_of_the_extracted_features(tmp_path: Pat
     feats, run = tmp_path / "feats", tmp_path / "run"
     _cli("mist.cloud", "extract", *backbone, "--workers", "0", "--progress", "none", "--data",
          str(tmp_path / "task" / "train"), "--out", str(feats))
-    _cli("mist.device", "train", str(feats), "--out", str(run), "--model", "probe", "--epochs", "2")
+    _cli("mist.device", "train", str(feats), "--out", str(run), "--model", "lae", "--epochs", "2", "--rank", "8")
     _cli("mist.device", "predict", str(run), str(feats), "--out", str(tmp_path / "local"))
     images = sorted(str(p) for p in (tmp_path / "task" / "train" / "images").iterdir())
     server = Server(tmp_path / "serve.log", *backbone, token=None)
