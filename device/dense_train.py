@@ -35,6 +35,7 @@ from .errors import TrainingError
 from .optim import AdamW, clip_grad_norm, lr_schedule
 
 SUMMARY_NAME = "dense.json"
+CANDIDATES = "candidates"  # RUN/candidates/NAME.safetensors: each candidate's kept epoch
 BEST_NAME = "best.safetensors"
 PROBE_LRS = (1e-2, 3e-2, 1e-1)  # on standardised inputs; chosen on validation like every candidate
 CHOICES = {"lae": (DENSE_LAE,), "probe": (DENSE_PROBE,), "auto": (DENSE_PROBE, DENSE_LAE)}
@@ -128,7 +129,7 @@ def train_dense(run_dir: str | Path, train_fs: FeatureSet, val_fs: FeatureSet | 
                             "--val-split or --val")
     if not len(train_rows):
         raise TrainingError(f"{train_fs.directory}: no rows left to train on")
-    run.mkdir(parents=True, exist_ok=True)
+    (run / CANDIDATES).mkdir(parents=True, exist_ok=True)
     (run / "metrics.jsonl").write_text("")
     cfg = DenseConfig.for_set(train_fs.manifest, **settings)
     x = read_rows(train_fs, train_rows)  # float32 (n, k, T, d), refusing NaN or inf
@@ -140,12 +141,12 @@ def train_dense(run_dir: str | Path, train_fs: FeatureSet, val_fs: FeatureSet | 
         record.update(kind=kind, name=f"{kind}-lr-{lr:g}", lr=lr, describe=describe(model),
                       parameters=parameter_count(model), seconds=round(time.perf_counter() - start, 2))
         candidates.append(record)
+        # every candidate's kept weights, so a study can score the baseline beside the choice
+        save_checkpoint(run / CANDIDATES / f"{record['name']}.safetensors", _checkpoint(model, train_fs))
         if best is None or (record["val_miou"] or 0.0) > (best[1]["val_miou"] or 0.0):
             best = (model, record)
     model, record = best
-    ckpt = Checkpoint(params=model.params, config=model.cfg.to_dict(), classes=list(train_fs.manifest.classes),
-                      feature_set=feature_set_record(train_fs), kind=model.kind)
-    save_checkpoint(run / BEST_NAME, ckpt)
+    save_checkpoint(run / BEST_NAME, _checkpoint(model, train_fs))
     summary = {"task": "segmentation", "chosen": record["kind"], "chosen_name": record["name"],
                "candidates": candidates,
                "train_rows": int(len(train_rows)), "val_rows": int(len(val_rows)),
@@ -155,6 +156,11 @@ def train_dense(run_dir: str | Path, train_fs: FeatureSet, val_fs: FeatureSet | 
            else "the only candidate, no validation")
     log(f"chose {record['name']}: {why}; checkpoint {run / BEST_NAME}")
     return summary
+
+
+def _checkpoint(model, train_fs: FeatureSet) -> Checkpoint:
+    return Checkpoint(params=model.params, config=model.cfg.to_dict(), classes=list(train_fs.manifest.classes),
+                      feature_set=feature_set_record(train_fs), kind=model.kind)
 
 
 def _train_one(kind: str, lr: float, cfg: DenseConfig, x: np.ndarray, masks: np.ndarray, val_fs: FeatureSet,
