@@ -117,7 +117,12 @@ class FeatureSetWriter:
             raise ValueError(f"label maps of shape {None if masks is None else np.shape(masks)}, the manifest "
                              f"says {None if size is None else (n, *size)}")
         if masks is not None:  # they travel with the features, row for row, into the same shards
-            stored[MASKS] = np.asarray(masks, dtype=np.uint8)
+            masks = np.asarray(masks)
+            ignore = self.manifest.task["ignore_index"]
+            if masks.dtype != np.uint8 or ((masks >= len(self.manifest.classes)) & (masks != ignore)).any():
+                raise ValueError(f"label maps must be uint8 class indices below {len(self.manifest.classes)} "
+                                 f"or {ignore}")
+            stored[MASKS] = masks
         self._buffer.append((stored, np.asarray(labels), np.asarray(ids)))
         self._buffered += n
         while self._buffered >= self.shard_rows:

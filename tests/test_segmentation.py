@@ -251,3 +251,30 @@ def test_predict_server_writes_the_masks_of_the_extracted_features(tmp_path: Pat
         with Image.open(tmp_path / "local" / f"{i:06d}.png") as a, \
                 Image.open(tmp_path / "remote" / f"{Path(image).stem}.png") as b:
             assert (np.asarray(a) == np.asarray(b)).mean() > 0.98
+
+
+def test_writer_and_reader_refuse_label_values_beyond_the_classes(tmp_path: Path) -> None:
+    from mist.formats import FeatureSetWriter
+    from mist.formats.feature_set import MASKS
+    from mist.formats.manifest import segmentation_task
+    from mist.formats.safetensors_check import read_header
+
+    manifest = Manifest(backbone={"name": "x", "weights_sha256": "0" * 64, "weights_source": "random-init"},
+                        groups=[[1]], scale="none", tokens=4, prefix_tokens=0, grid=[2, 2], dim=3, dtype="float16",
+                        data_config={}, classes=["bg", "a"], split="train", dataset={"hash": "h"},
+                        task=segmentation_task([2, 2], 2))
+    writer = FeatureSetWriter(tmp_path / "set", manifest, shard_rows=4)
+    x, labels, ids = np.zeros((2, 1, 4, 3)), np.full(2, -1), np.arange(2)
+    with pytest.raises(ValueError, match="below 2 or 255"):
+        writer.add(x, labels, ids, np.full((2, 4, 4), 2, np.uint8))
+    writer.add(x, labels, ids, np.full((2, 4, 4), 255, np.uint8))
+    writer.close()
+    shard = next((tmp_path / "set").glob("shard-*.safetensors"))
+    entry = read_header(shard).tensors[MASKS]
+    raw = bytearray(shard.read_bytes())
+    raw[entry.offset + 5] = 9  # a flipped label byte: the checksum no longer matches, and the value names no class
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(FormatError, match="checksum mismatch"):
+        FeatureSet(tmp_path / "set", verify=True)
+    with pytest.raises(FormatError, match="label map of row 0 holds a value above the 2 classes"):
+        FeatureSet(tmp_path / "set").read_masks(np.arange(2))
