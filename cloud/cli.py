@@ -341,8 +341,8 @@ Examples:
       --pool mean --out feats/probe             # a pooled vector per image, for a linear probe
   mist-cloud extract --model vit_base_patch16_224 --weights vit.safetensors --data list.csv \\
       --groups 0-6,7-12 --scale mean --device auto --out feats/vit
---data is an ImageFolder (one subfolder per class), a segmentation folder (images/, masks/, classes.txt;
-docs/segmentation.md), a CSV of 'path,label' lines, or fashion-mnist[:DIR].
+--data is an ImageFolder (one subfolder per class), a segmentation folder (images/, masks/ label maps,
+classes.txt), a CSV of 'path,label' lines, or fashion-mnist[:DIR].
 Every set made for one adaptor (train, validation, test) needs the same --model, weights, --groups,
 --scale, --pool and data options; the device refuses to mix sets that differ.""",
     "convert": """\b

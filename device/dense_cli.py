@@ -32,8 +32,10 @@ def dense_checkpoint(adaptor: str) -> tuple[Any, Path] | None:
         path = path / BEST_NAME
     if not path.is_file():
         return None
-    try:
-        ckpt = load_checkpoint(path)
+    from mist.ship.trust import current_trust
+
+    try:  # under --signatures require, an unsigned or forged dense checkpoint is refused like any other
+        ckpt = load_checkpoint(path, current_trust())
     except FormatError:
         return None  # not ours to report: the classification path says what is wrong with it
     return (ckpt, path) if ckpt.kind in DENSE_KINDS else None
