@@ -104,6 +104,11 @@ def train(train_set: str, run_dir: str, val_set: str | None, val_split: float, r
         check_compatible(train_fs.manifest, val_fs.manifest)
     if train_fs.manifest.task is not None:  # a segmentation set: the dense models (device/dense_cli.py)
         from . import dense_cli
+
+        unsupported = [flag for flag, given in (("--resume", resume), ("--grid", grid), ("--patience", patience))
+                       if given]
+        if unsupported:
+            raise click.UsageError(f"{unsupported[0]} does not apply to a segmentation set yet")
         from .dense_train import DenseOptions
 
         opts = DenseOptions(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, weight_decay=weight_decay,

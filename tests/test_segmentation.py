@@ -220,9 +220,11 @@ def test_walk_through_extract_train_evaluate_report_predict(tmp_path: Path) -> N
     assert len(written) == 8
     with Image.open(written[0]) as im:
         assert im.mode == "P" and im.size == (16, 16) and np.asarray(im).max() < 11
-    # a dense model on a classification set, and a second train into the same run: one line each
+    # a second train into the same run, and a search option dense training lacks: one line each
     refused = _cli("mist.device", "train", str(feats["train"]), "--out", str(run), "--epochs", "1", ok=False)
     assert "already holds a run" in refused.stderr and "Traceback" not in refused.stderr
+    refused = _cli("mist.device", "train", str(feats["train"]), "--out", str(tmp_path / "r2"), "--resume", ok=False)
+    assert "--resume does not apply to a segmentation set" in refused.stderr
 
 
 @pytest.mark.slow
