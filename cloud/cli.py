@@ -107,7 +107,8 @@ def _weights_choice(pretrained: bool, weights: str | None, random_init: bool) ->
               help="A local .safetensors/.pth/.pt state dict for --model.")
 @click.option("--random-init", is_flag=True, help="Random weights (seeded by --seed); stamped in the manifest.")
 @click.option("--data", required=True,
-              help="An ImageFolder directory, a CSV/text file of 'path,label' lines, or fashion-mnist[:DIR].")
+              help="An ImageFolder directory, a segmentation folder (images/, masks/, classes.txt), a CSV/text file "
+                   "of 'path,label' lines, or fashion-mnist[:DIR].")
 @click.option("--split", type=click.Choice(["train", "test"]), default="train",
               help="Which Fashion-MNIST split; for other sources, only recorded in the manifest.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="The feature-set directory.")
@@ -141,6 +142,8 @@ def _weights_choice(pretrained: bool, weights: str | None, random_init: bool) ->
 @click.option("--pool", type=click.Choice(["none", "mean", "cls"]), default="none",
               help="Ship each summed map pooled to one token (T=1): the mean of its tokens, or the class token. "
                    "A probe then ships d values per map instead of T x d.")
+@click.option("--label-multiple", type=click.IntRange(1, 16), default=4,
+              help="Segmentation folders: label maps ship at this multiple of the token grid (1 byte a pixel).")
 @_MODEL_KWARGS
 @click.option("--overwrite", is_flag=True, help="Replace an existing set instead of resuming it.")
 @click.option("--device", default="cpu",
@@ -156,7 +159,8 @@ def extract(model: str, pretrained: bool, weights: str | None, random_init: bool
             out: str, groups: str, scale: str, dtype: str, batch_size: int, workers: int, threads: int | None,
             shard_rows: int, limit: int | None, per_class: int | None, seed: int, img_size: int | None,
             crop_pct: float | None, crop_mode: str | None, interpolation: str | None, pool: str,
-            model_kwargs: dict | None, overwrite: bool, device: str, progress: str, autocast: str, sign_key) -> None:
+            label_multiple: int, model_kwargs: dict | None, overwrite: bool, device: str, progress: str, autocast: str,
+            sign_key) -> None:
     """Extract Gather* features of --data through --model into the feature set --out.
 
     Rerunning the same command after an interruption resumes after the last whole shard. Under `torchrun
@@ -171,7 +175,7 @@ def extract(model: str, pretrained: bool, weights: str | None, random_init: bool
         workers=workers, threads=threads, shard_rows=shard_rows, limit=limit, per_class=per_class, seed=seed,
         overwrite=overwrite, img_size=img_size, model_kwargs=model_kwargs, device=device, progress=progress,
         crop_pct=crop_pct, crop_mode=crop_mode, interpolation=interpolation, pool=pool,
-        autocast=autocast, sign_key=sign_key,
+        autocast=autocast, sign_key=sign_key, label_multiple=label_multiple,
         max_memory=memory_limit(memory_flag())[0],
     )
     run(cfg, log=_log)
@@ -337,7 +341,8 @@ Examples:
       --pool mean --out feats/probe             # a pooled vector per image, for a linear probe
   mist-cloud extract --model vit_base_patch16_224 --weights vit.safetensors --data list.csv \\
       --groups 0-6,7-12 --scale mean --device auto --out feats/vit
---data is an ImageFolder (one subfolder per class), a CSV of 'path,label' lines, or fashion-mnist[:DIR].
+--data is an ImageFolder (one subfolder per class), a segmentation folder (images/, masks/ label maps,
+classes.txt), a CSV of 'path,label' lines, or fashion-mnist[:DIR].
 Every set made for one adaptor (train, validation, test) needs the same --model, weights, --groups,
 --scale, --pool and data options; the device refuses to mix sets that differ.""",
     "convert": """\b
@@ -364,7 +369,7 @@ _SECTIONS = {
     "extract": {
         "Model and weights": ["model", "pretrained", "weights", "random_init", "model_kwargs", "img_size"],
         "Images": ["data", "split", "limit", "per_class", "seed", "crop_pct", "crop_mode", "interpolation"],
-        "What ships": ["out", "groups", "scale", "pool", "dtype", "shard_rows", "overwrite"],
+        "What ships": ["out", "groups", "scale", "pool", "dtype", "label_multiple", "shard_rows", "overwrite"],
         "Speed and progress": ["device", "autocast", "batch_size", "workers", "threads", "progress", "max_memory"],
     },
 }

@@ -59,7 +59,8 @@ def convert(source: Path, out: Path, dtype: str, shard_rows: int | None = None, 
     for begin in range(done, len(fs), batch_rows):
         rows = np.arange(begin, min(begin + batch_rows, len(fs)))
         try:
-            writer.add(fs.read(rows), fs.labels[rows], fs.ids[rows])
+            masks = fs.read_masks(rows) if src.task is not None else None  # label maps travel unchanged
+            writer.add(fs.read(rows), fs.labels[rows], fs.ids[rows], masks)
         except QuantError as e:
             raise CloudError(f"{source}: rows {rows[0]}-{rows[-1]}: {e}; keep float16 or float32") from None
     final = writer.close()

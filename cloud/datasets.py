@@ -36,13 +36,14 @@ _IDX_PREFIX = {"train": "train", "test": "t10k"}
 class Source:
     """Items 0..n-1 with their labels (-1: unknown); ``load(i)`` decodes item i as an RGB image."""
 
-    kind: str  # "image-folder", "fashion-mnist" or "list"
+    kind: str  # "image-folder", "fashion-mnist", "list" or "segmentation"
     root: str
     classes: list[str]
     labels: np.ndarray  # (n,) int64
     identity: str  # sha256 of what the items are (file hashes, or relative paths + sizes + labels)
     paths: list[Path] = field(default_factory=list)  # file sources
     pixels: np.ndarray | None = None  # IDX sources: (n, H, W) uint8
+    masks: list[Path] = field(default_factory=list)  # segmentation sources: item i's label map (segmentation.py)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -60,13 +61,16 @@ class Source:
 
 
 def open_source(spec: str, split: str = "train") -> Source:
-    """``--data``: 'fashion-mnist[:DIR]', an ImageFolder directory, or a CSV/text file of path,label."""
+    """``--data``: 'fashion-mnist[:DIR]', a segmentation folder (images/, masks/, classes.txt), an ImageFolder
+    directory, or a CSV/text file of path,label."""
     if spec == "fashion-mnist" or spec.startswith("fashion-mnist:"):
         root = Path(spec.partition(":")[2] or FASHION_MNIST_DIR).resolve()
         return _fashion_mnist(root, split)
     path = Path(spec).resolve()  # absolute, so a resume from another working directory matches
     if path.is_dir():
-        return _image_folder(path)
+        from .segmentation import is_segmentation_folder, open_segmentation
+
+        return open_segmentation(path) if is_segmentation_folder(path) else _image_folder(path)
     if path.is_file():
         return _image_list(path)
     raise CloudError(f"--data {spec}: not a directory, a path,label list file, or fashion-mnist[:DIR]")

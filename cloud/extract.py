@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch
 
 from mist.formats import FeatureSet, FeatureSetWriter, Manifest
 from mist.formats.atomic import atomic_write_bytes
-from mist.formats.manifest import check_classes
+from mist.formats.manifest import MAX_LABEL_MULTIPLE, check_classes, segmentation_task
 from mist.formats.quant import SCHEMES, QuantError, bytes_per_row
 from mist.formats.writer import MAX_SHARD_BYTES, capped_shard_rows, refuse_complete
 from mist.kit.flags import memory_limit, memory_problem
@@ -35,6 +35,7 @@ from .errors import CloudError
 from .frozen import load_frozen, sum_dtype, torch_device
 from .gather import DTYPES, POOLS, SCALES, format_groups
 from .resources import address_space_limit
+from .segmentation import DEFAULT_LABEL_MULTIPLE, SegmentationDataset, split_batch
 from .taps import GroupTap
 
 SKIPPED_NAME = "skipped.txt"
@@ -72,6 +73,7 @@ class ExtractConfig:
     pool: str = "none"  # "mean" or "cls": ship one pooled token per map (T=1)
     max_memory: int | None = None  # bytes; None: what the machine has available (cloud/resources.py)
     sign_key: Any = None  # a mist.formats.signing.SigningKey: the complete manifest is signed with it
+    label_multiple: int = DEFAULT_LABEL_MULTIPLE  # segmentation: label maps are this times the token grid
 
 
 @dataclass
@@ -117,12 +119,20 @@ def extract(cfg: ExtractConfig, log: Log = print) -> ExtractResult:
     tokens, dim = frozen.tokens, frozen.dim
     manifest = frozen.manifest(cfg.scale, cfg.dtype, classes=source.classes, split=cfg.split,
                                dataset=dataset_record(source, cfg.split, ids, cfg.limit, cfg.per_class, cfg.seed))
+    segmenting = source.kind == "segmentation"
+    if segmenting:
+        if frozen.grid is None or cfg.pool != "none":
+            raise CloudError(f"--data {cfg.data}: a segmentation set needs the token grid; --model {cfg.model} at "
+                             "these groups has none" + (" (drop --pool)" if cfg.pool != "none" else ""))
+        manifest = replace(manifest, task=segmentation_task(frozen.grid, cfg.label_multiple))
     shard_rows = -(-cfg.shard_rows // cfg.batch_size) * cfg.batch_size
     if shard_rows != cfg.shard_rows:
         log(f"shard rows {cfg.shard_rows} -> {shard_rows}, a multiple of the batch size, so a resumed run "
             "computes the same batches")
     # A shard must fit on a FAT32 stick (files < 4 GiB) and stay cheap to redo: cap its size in bytes too.
     row_bytes = bytes_per_row(cfg.dtype, (len(groups), tokens, dim))  # as stored: int8/int4 include scales
+    if manifest.label_size is not None:
+        row_bytes += manifest.label_size[0] * manifest.label_size[1]  # one byte a label
     capped = capped_shard_rows(shard_rows, row_bytes, cfg.batch_size)
     if capped != shard_rows:
         log(f"shard rows {shard_rows} -> {capped}, so a shard stays under {MAX_SHARD_BYTES >> 20} MiB "
@@ -132,18 +142,31 @@ def extract(cfg: ExtractConfig, log: Log = print) -> ExtractResult:
 
     def features(pending: np.ndarray, skips, progress: _Progress):
         """(features, labels, ids) of ``pending`` in batches of --batch-size, decoded by the DataLoader."""
+        transform = make_transform(backbone.data_config)
+        dataset = (SegmentationDataset(source, pending, transform) if segmenting
+                   else ImageDataset(source, pending, transform))
         loader = torch.utils.data.DataLoader(
-            ImageDataset(source, pending, make_transform(backbone.data_config)), batch_size=cfg.batch_size,
+            dataset, batch_size=cfg.batch_size,
             num_workers=cfg.workers, collate_fn=collate, shuffle=False, pin_memory=device.type == "cuda")
         with GroupTap(model, layers, groups) as tap, torch.inference_mode():
             for images, labels, row_ids in _rebatch(loader, cfg.batch_size, skips, progress):
+                masks = None
+                if segmenting:  # the fourth channel is the mask, moved through the image's geometry
+                    images, masks = split_batch(images, manifest.label_size)
                 sums = frozen.gather(tap, images, cfg.scale, sum_dtype(cfg.dtype))
                 progress.update(len(row_ids))
-                yield sums.numpy(), labels.numpy(), row_ids.numpy()
+                yield sums.numpy(), labels.numpy(), row_ids.numpy(), masks
 
     if ranks is not None:
+        if segmenting:
+            raise CloudError(f"--data {cfg.data}: segmentation sets are extracted in one process, not under torchrun")
+        def classification_features(pending: np.ndarray, skips, progress: _Progress):
+            for batch, labels, row_ids, _ in features(pending, skips, progress):
+                yield batch, labels, row_ids
+
         done = distributed.extract(ranks, Path(cfg.out), manifest, ids, shard_rows, cfg.overwrite, source.describe,
-                                   features, lambda total: _Progress(total, progress_mode, cfg.log_every, log), log,
+                                   classification_features,
+                                   lambda total: _Progress(total, progress_mode, cfg.log_every, log), log,
                                    signer=cfg.sign_key)
         distributed.leave(ranks)
         return ExtractResult(done.manifest, done.rows_written, done.resumed_rows, done.skipped, done.seconds)
@@ -165,9 +188,9 @@ def extract(cfg: ExtractConfig, log: Log = print) -> ExtractResult:
     start = time.perf_counter()
     written = 0
     try:
-        for batch, labels, row_ids in features(pending, skips, progress):
+        for batch, labels, row_ids, masks in features(pending, skips, progress):
             try:  # int8/int4: the writer quantises the fp32 sums per token (mist.formats.quant)
-                writer.add(batch, labels, row_ids)
+                writer.add(batch, labels, row_ids, masks)
             except QuantError as e:
                 raise CloudError(f"--dtype {cfg.dtype}: {e}; use --scale mean or --dtype float32") from None
             written += len(row_ids)
@@ -196,6 +219,8 @@ def _check(cfg: ExtractConfig) -> None:
         raise CloudError(f"--pool must be one of {POOLS}, got {cfg.pool!r}")
     if cfg.crop_pct is not None and not 0 < cfg.crop_pct <= 1:
         raise CloudError(f"--crop-pct must lie in (0, 1], got {cfg.crop_pct}")
+    if not 1 <= cfg.label_multiple <= MAX_LABEL_MULTIPLE:
+        raise CloudError(f"--label-multiple must lie in [1, {MAX_LABEL_MULTIPLE}], got {cfg.label_multiple}")
     for name, value in (("--limit", cfg.limit), ("--per-class", cfg.per_class), ("--img-size", cfg.img_size)):
         if value is not None and value < 1:
             raise CloudError(f"{name} must be >= 1, got {value}")

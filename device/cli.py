@@ -76,6 +76,8 @@ def info(feature_set: str, as_json: bool) -> None:
         f"classes       {len(m.classes)}: " + ", ".join(
             f"{c} ({n})" for c, n in zip(m.classes, counts)),
         f"unlabelled    {int(np.sum(fs.labels < 0))}",
+        *([f"task          segmentation: a {m.label_size[0]}x{m.label_size[1]} label map per image "
+           f"({m.label_size[0] * m.label_size[1]:,} bytes), 255 = ignore"] if m.task is not None else []),
         f"input         {m.data_config.get('input_size')} {m.data_config.get('interpolation')} "
         f"mean={m.data_config.get('mean')} std={m.data_config.get('std')}",
     ]

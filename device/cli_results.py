@@ -52,9 +52,14 @@ def evaluate(adaptor: str, test_set: str, as_json: bool, batch_size: int, no_ver
     TEST_SET may hold a subset of the training classes (matched by name); a class the adaptor was not
     trained on is refused, by name.
     """
+    from . import dense_cli
     from .evaluation import evaluate_by_name
     from .progress import rows_progress
 
+    dense = dense_cli.dense_checkpoint(adaptor)
+    if dense is not None:  # a segmentation model: mIoU, pixel accuracy, per-class IoU
+        dense_cli.evaluate(dense, test_set, as_json, batch_size, no_verify)
+        return
     trust = current_trust()
     ckpt, model, path = load_adaptor(adaptor, trust)
     fs = open_set(test_set, verify=not no_verify, trust=trust)
@@ -91,8 +96,9 @@ def evaluate(adaptor: str, test_set: str, as_json: bool, batch_size: int, no_ver
 @click.option("--top-k", type=click.IntRange(1), default=1, help="How many classes to list per row.")
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv")
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
-@click.option("--out", "output", type=click.Path(dir_okay=False), default=None,
-              help="Write the predictions to this file instead of stdout.")
+@click.option("--out", "output", type=click.Path(), default=None,
+              help="Write the predictions to this file instead of stdout (a segmentation model: the folder for "
+                   "its mask PNGs).")
 @click.option("--overwrite", is_flag=True, help="Replace the --out file if it exists.")
 @click.option("--batch-size", type=click.IntRange(1), default=128,
               help="Rows per forward pass, capped so each pass holds at most 16 MB of float32 features "
@@ -124,9 +130,20 @@ def predict(adaptor: str, feature_set: tuple[str, ...], top_k: int, fmt: str, as
     """
     import numpy as np
 
+    from . import dense_cli
     from .evaluation import evaluate_rows
 
+    dense = dense_cli.dense_checkpoint(adaptor)
+    if dense is not None and server is not None:  # a segmentation model: one palette PNG mask per image
+        dense_cli.predict_server(dense, server, list(feature_set), token_file, ca_cert, server_pins, output, overwrite)
+        return
+    if dense is not None:
+        dense_cli.predict(dense, feature_set[0] if len(feature_set) == 1 else "", output, overwrite, batch_size,
+                          no_verify)
+        return
     fmt = "json" if as_json else fmt
+    if output is not None and Path(output).is_dir():
+        raise click.UsageError(f"--out {output}: a folder; a classifier's predictions go to a file")
     if output is not None:
         refuse_to_replace(output, overwrite)
     trust = current_trust()
@@ -223,8 +240,13 @@ def report(run_dir: str, test_set: str | None, out_dir: str | None, overwrite: b
     configuration's validation accuracy, and on TEST_SET the chosen model's confusion matrix; prints a
     per-class precision/recall/F1 table. The model is RUN_DIR's best.safetensors (else its last).
     """
+    from . import dense_cli
     from . import report as rep
 
+    dense = dense_cli.dense_checkpoint(run_dir)
+    if dense is not None:  # a segmentation run: its candidates, and on TEST_SET mIoU and a picture of masks
+        dense_cli.report(dense, run_dir, test_set, out_dir, overwrite, batch_size, no_verify)
+        return
     run_path = Path(run_dir)
     record = rep.read_run(run_path)
     out = Path(out_dir) if out_dir else run_path / "report"

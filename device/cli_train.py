@@ -116,6 +116,21 @@ def train(train_set: str, run_dir: str, val_set: str | None, val_split: float | 
         check_compatible(train_fs.manifest, val_fs.manifest)
     if val_split is None:
         val_split = 0.2 if model_kind != "lae" or grid is not None else 0.0
+    if train_fs.manifest.task is not None:  # a segmentation set: the dense models (device/dense_cli.py)
+        from . import dense_cli
+
+        unsupported = [flag for flag, given in (("--resume", resume), ("--grid", grid), ("--patience", patience))
+                       if given]
+        if unsupported:
+            raise click.UsageError(f"{unsupported[0]} does not apply to a segmentation set yet")
+        from .dense_train import DenseOptions
+
+        opts = DenseOptions(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, weight_decay=weight_decay,
+                            warmup_fraction=warmup_fraction, grad_clip=grad_clip, seed=seed,
+                            val_split=val_split, val_seed=val_seed)
+        settings = {"rank": rank, "heads": heads, "blocks_per_group": blocks_per_group, "pos_embed": pos_embed}
+        dense_cli.train(train_fs, val_fs, run_dir, model_kind, opts, settings, overwrite)
+        return
     if model_kind == "probe":  # the probe reads only the set's sizes from the adaptor config: no rank to check
         rank = heads = 1
     halving = model_kind == "auto" and grid is None

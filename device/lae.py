@@ -173,11 +173,21 @@ class LAE:
         self.dtype = check_params(cfg, params)
         self.cfg = cfg
         self.params = params
-        self._cache: tuple | None = None
+        self._cache: tuple | None = None  # forward_tokens: the blocks' and the final norm's
+        self._head_cache: tuple | None = None  # forward: the pooling's and the head's
 
     def forward(self, x: np.ndarray, keep_cache: bool = True) -> np.ndarray:
         """x (B, k, T, d), any float dtype -> logits (B, C) in the params' dtype.
         keep_cache=False (evaluation) lets each block's activations be freed as soon as it is done."""
+        h = self.forward_tokens(x, keep_cache)
+        pooled, pool_cache = pool_forward(h, self.cfg.pool)
+        logits, head_cache = linear_forward(pooled, self.params["head.weight"], self.params["head.bias"])
+        self._head_cache = (pool_cache, head_cache) if keep_cache else None
+        return logits
+
+    def forward_tokens(self, x: np.ndarray, keep_cache: bool = True) -> np.ndarray:
+        """x (B, k, T, d) -> the output tokens after the final LayerNorm, (B, T, d): what the head reads (the
+        pooled classifier here, a per-token classifier in device/dense.py)."""
         cfg, p = self.cfg, self.params
         x = np.asarray(x)
         if x.ndim != 4 or x.shape[1:] != (cfg.groups, cfg.tokens, cfg.dim):
@@ -206,10 +216,8 @@ class LAE:
                     block_caches.append((ln_cache, attn_cache))
                 b += 1
         h, ln_cache = layernorm_forward(state, p["norm.weight"], p["norm.bias"])
-        pooled, pool_cache = pool_forward(h, cfg.pool)
-        logits, head_cache = linear_forward(pooled, p["head.weight"], p["head.bias"])
-        self._cache = (block_caches, ln_cache, pool_cache, head_cache) if keep_cache else None
-        return logits
+        self._cache = (block_caches, ln_cache) if keep_cache else None
+        return h
 
     def backward(self, dlogits: np.ndarray, input_grad: bool = False) -> dict[str, np.ndarray]:
         """Gradients of every parameter (same keys as params) given dloss/dlogits; the reverse of forward.
@@ -217,12 +225,24 @@ class LAE:
         The features are frozen, so training never forms their gradient. ``input_grad=True`` adds it as
         ``grads["input"]`` (B, k, T, d), for the numerical gradient check of the whole model.
         """
+        if self._cache is None or self._head_cache is None:
+            raise RuntimeError("backward needs a forward(x, keep_cache=True) first")
+        pool_cache, head_cache = self._head_cache
+        dpooled, dhead_weight, dhead_bias = linear_backward(dlogits, head_cache)
+        g = self.backward_tokens(pool_backward(dpooled, pool_cache), input_grad)
+        g["head.weight"], g["head.bias"] = dhead_weight, dhead_bias
+        grads = {name: g[name] for name in self.params}  # canonical order
+        if input_grad:
+            grads["input"] = g["input"]
+        return grads
+
+    def backward_tokens(self, dh: np.ndarray, input_grad: bool = False) -> dict[str, np.ndarray]:
+        """Gradients of the blocks, the final norm and the position embedding given dloss/d(output tokens)
+        (B, T, d), the reverse of ``forward_tokens``; the head's own gradients are its caller's."""
         if self._cache is None:
             raise RuntimeError("backward needs a forward(x, keep_cache=True) first")
-        block_caches, ln_cache, pool_cache, head_cache = self._cache
+        block_caches, ln_cache = self._cache
         g: dict[str, np.ndarray] = {}
-        dpooled, g["head.weight"], g["head.bias"] = linear_backward(dlogits, head_cache)
-        dh = pool_backward(dpooled, pool_cache)
         dstate, g["norm.weight"], g["norm.bias"] = layernorm_backward(dh, ln_cache)
         cfg = self.cfg
         dx = np.zeros((dstate.shape[0], cfg.groups, cfg.tokens, cfg.dim), self.dtype) if input_grad else None
@@ -250,7 +270,6 @@ class LAE:
                 dx[:, b // cfg.blocks_per_group] = dstate
         if cfg.pos_embed:  # added to every image's first state: its gradient is that state's, summed
             g["pos_embed"] = dstate.sum(axis=0)
-        grads = {name: g[name] for name in self.params}  # canonical order
         if dx is not None:
-            grads["input"] = dx * cfg.input_scale
-        return grads
+            g["input"] = dx * cfg.input_scale
+        return g

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .signing import Trust
 
 LABELS, IDS = "labels", "ids"
+MASKS = "masks"  # segmentation sets: (rows, H, W) uint8 label maps, SPEC §14
 _STORAGE = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 
 
@@ -78,6 +79,10 @@ def check_shard(directory: Path, shard: Shard, manifest: Manifest, verify: bool,
         expect_tensor(header, name, (storage,), shape)
     expect_tensor(header, LABELS, (np.dtype("<i8"),), (n,))
     expect_tensor(header, IDS, (np.dtype("<i8"),), (n,))
+    if manifest.label_size is not None:
+        expect_tensor(header, MASKS, (np.dtype("u1"),), (n, *manifest.label_size))
+    elif MASKS in header.tensors:
+        raise FormatError(f"{path}: holds label maps ('{MASKS}') but {MANIFEST_NAME} describes no segmentation task")
     _check_shard_metadata(header, manifest, index, start)
     if verify and sha256_file(path) != shard.sha256:
         raise FormatError(f"{path}: checksum mismatch (the file is corrupt or was modified)")
@@ -153,6 +158,8 @@ class FeatureSet:
             ids.append(self._read_small(header, IDS))
             offsets = {name: header.tensors[name].offset
                        for name in stored_shapes(self.manifest.dtype, 0, self.row_shape)}
+            if self.manifest.label_size is not None:
+                offsets[MASKS] = header.tensors[MASKS].offset
             self._shards.append(_ShardView(header.path, shard.rows, start, offsets, _stamp(header.path)))
             start += shard.rows
         self.labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
@@ -262,18 +269,42 @@ class FeatureSet:
                 out[...] = decode_features(stored, self.manifest.dtype, self.row_shape)
         return out
 
+    def read_masks(self, rows: np.ndarray) -> np.ndarray:
+        """The (len(rows), H, W) uint8 label maps of a segmentation set, refusing a value that names no class."""
+        size = self.manifest.label_size
+        if size is None:
+            raise FormatError(f"{self.directory}: a classification set; it holds no label maps")
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"row index out of range for a set of {len(self)} rows")
+        out = np.empty((len(rows), *size), np.uint8)
+        shard_of = np.searchsorted(self._starts, rows, side="right") - 1
+        for s in np.unique(shard_of):
+            view = self._shards[s]
+            pick = np.nonzero(shard_of == s)[0]
+            mm = self._map(view, MASKS, np.dtype("u1"), size)
+            out[pick] = mm[rows[pick] - view.start]
+            del mm
+        bad = (out >= self.num_classes) & (out != self.manifest.task["ignore_index"])
+        if bad.any():
+            row = int(rows[np.nonzero(bad.any(axis=(1, 2)))[0][0]])
+            raise FormatError(f"{self.directory}: the label map of row {row} holds a value above the "
+                              f"{self.num_classes} classes that is not the ignore index 255; the shard is corrupt")
+        return out
+
     def _stored_shape(self, name: str) -> tuple[int, ...]:
         """The per-row shape of a stored tensor: (k, T, d) codes, (k, T) scales, or (bytes,) packed int4."""
         return stored_shapes(self.manifest.dtype, 1, self.row_shape)[name][1][1:]
 
-    def _map(self, view: _ShardView, name: str) -> np.memmap:
+    def _map(self, view: _ShardView, name: str, dtype: np.dtype | None = None,
+             shape: tuple[int, ...] | None = None) -> np.memmap:
         """Map one stored tensor of a shard, refusing a file that was truncated, replaced or removed since
         opening: its rows would no longer be the ones the manifest and the checksum vouched for."""
         try:
             changed = _stamp(view.path) != view.stamp
             if not changed:
-                return np.memmap(view.path, dtype=self._stored[name], mode="r", offset=view.offsets[name],
-                                 shape=(view.rows, *self._stored_shape(name)))
+                return np.memmap(view.path, dtype=dtype or self._stored[name], mode="r", offset=view.offsets[name],
+                                 shape=(view.rows, *(shape or self._stored_shape(name))))
         except FileNotFoundError:
             raise FormatError(f"{view.path}: removed while it was being read; restore the set and rerun") from None
         except (OSError, ValueError) as e:  # ValueError: mmap length is greater than the file (truncated)

@@ -22,8 +22,14 @@ if TYPE_CHECKING:
 FORMAT_NAME = "mist-feature-set"
 # The newest version this code reads. A set is written with the lowest version that describes it: float16
 # and float32 sets stay version 1 (readable by older mist), int8 and int4 sets need version 2 (§11).
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 QUANTISED_SINCE = 2
+# A set that carries a per-pixel label map with each row (a segmentation set, SPEC §14) is version 3, so an
+# older mist refuses it instead of training a classifier on its placeholder labels.
+TASK_SINCE = 3
+SEGMENTATION = "segmentation"
+IGNORE_INDEX = 255  # a label map's "no label here" value, as in VOC and ADE20K tooling
+MAX_LABEL_MULTIPLE = 16  # a label map is at most 16x the token grid on each side
 MANIFEST_NAME = "manifest.json"
 SCALES = ("none", "mean")
 POOLS = ("none", "mean", "cls")
@@ -63,6 +69,14 @@ class Manifest:
     complete: bool = False
     layer_names: list[str] = field(default_factory=list)  # the backbone module behind each layer index
     pool: str = "none"  # "mean" or "cls": the cloud shipped one pooled token per map (then tokens == 1)
+    # None: a classification set. {"kind": "segmentation", "label_size": [H, W], "ignore_index": 255}: every row
+    # also carries an (H, W) uint8 label map in the shards' "masks" tensor (SPEC §14).
+    task: dict[str, Any] | None = None
+
+    @property
+    def label_size(self) -> tuple[int, int] | None:
+        """(H, W) of each row's label map, or None for a classification set."""
+        return None if self.task is None else (int(self.task["label_size"][0]), int(self.task["label_size"][1]))
 
     @property
     def k(self) -> int:
@@ -78,7 +92,7 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         body = {
             "format": FORMAT_NAME,
-            "format_version": QUANTISED_SINCE if is_quantised(self.dtype) else 1,
+            "format_version": self.format_version,
             "backbone": dict(self.backbone),
             "gather": {"groups": [list(g) for g in self.groups], "scale": self.scale,
                        "layer_names": list(self.layer_names),
@@ -96,11 +110,20 @@ class Manifest:
             "rows": self.rows,
             "complete": self.complete,
         }
+        if self.task is not None:  # only for a segmentation set: every classification set reads as it did
+            body["task"] = dict(self.task)
         if is_quantised(self.dtype):  # after "dtype", so a person reading the manifest sees them together
             items = list(body.items())
             at = [key for key, _ in items].index("dtype") + 1
             body = dict([*items[:at], ("quantization", SCHEMES[self.dtype].describe()), *items[at:]])
         return body
+
+    @property
+    def format_version(self) -> int:
+        """The lowest version that describes this set (older mist reads what it can)."""
+        if self.task is not None:
+            return TASK_SINCE
+        return QUANTISED_SINCE if is_quantised(self.dtype) else 1
 
     def layout_fingerprint(self) -> str:
         """Hash of everything except the shard list: two writers with equal fingerprints write the same set."""
@@ -289,10 +312,46 @@ def _parse(obj: Any, source: str) -> Manifest:
     if rows != sum(s.rows for s in shards):
         raise top.fail("rows", f"is {rows} but the shards hold {sum(s.rows for s in shards)}")
     complete = top.get("complete", bool)
+    task = _parse_task(top, version, None if grid is None else list(grid), len(classes))
 
     return Manifest(
         backbone=dict(backbone.obj), groups=[list(g) for g in groups], scale=scale, tokens=count,
         prefix_tokens=prefix, grid=None if grid is None else list(grid), dim=dim, dtype=dtype,
         data_config=dict(data_config), classes=list(classes), split=split, dataset=dict(dataset),
         shards=shards, rows=rows, complete=complete, layer_names=list(layer_names), pool=pool,
+        task=task,
     )
+
+
+def _parse_task(top: _Fields, version: int, grid: list[int] | None, num_classes: int) -> dict[str, Any] | None:
+    """The optional ``task`` object (SPEC §14): absent for classification."""
+    if "task" not in top.obj:
+        return None
+    if version < TASK_SINCE:
+        raise top.fail("task", f"needs format_version {TASK_SINCE}, the manifest says {version}")
+    task = top.sub("task")
+    kind = task.get("kind", str)
+    if kind != SEGMENTATION:
+        raise task.fail("kind", f"must be {SEGMENTATION!r}, got {kind!r}")
+    size = task.get("label_size", list)
+    if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+        raise task.fail("label_size", "must be two positive integers [H, W]")
+    if grid is None:
+        raise task.fail("label_size", "needs tokens.grid: a label map is laid over the token grid")
+    multiple = size[0] // grid[0]
+    if size != [grid[0] * multiple, grid[1] * multiple] or not 1 <= multiple <= MAX_LABEL_MULTIPLE:
+        raise task.fail("label_size", f"must be the {grid[0]}x{grid[1]} token grid times 1 to "
+                                      f"{MAX_LABEL_MULTIPLE}, got {size[0]}x{size[1]}")
+    ignore = task.get("ignore_index", int)
+    if ignore != IGNORE_INDEX:
+        raise task.fail("ignore_index", f"must be {IGNORE_INDEX}, got {ignore}")
+    if num_classes >= IGNORE_INDEX:
+        raise top.fail("classes", f"holds {num_classes} names; a segmentation set has at most {IGNORE_INDEX} "
+                                  "(a label map stores one byte a pixel, 255 = ignore)")
+    return {"kind": kind, "label_size": list(size), "ignore_index": ignore}
+
+
+def segmentation_task(grid: list[int], multiple: int) -> dict[str, Any]:
+    """The ``task`` of a segmentation set whose label maps are ``multiple`` times the token grid."""
+    return {"kind": SEGMENTATION, "label_size": [grid[0] * multiple, grid[1] * multiple],
+            "ignore_index": IGNORE_INDEX}

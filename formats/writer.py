@@ -18,7 +18,7 @@ import numpy as np
 
 from .atomic import atomic_write, atomic_write_json
 from .errors import FormatError
-from .feature_set import IDS, LABELS, check_shard, set_identity, sha256_file, shard_name
+from .feature_set import IDS, LABELS, MASKS, check_shard, set_identity, sha256_file, shard_name
 from .manifest import MANIFEST_NAME, Manifest, Shard, check_classes
 from .quant import encode_features
 from .safetensors_check import write_safetensors
@@ -98,7 +98,7 @@ class FeatureSetWriter:
                 path.unlink()
         self.manifest = existing
 
-    def add(self, features: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> None:
+    def add(self, features: np.ndarray, labels: np.ndarray, ids: np.ndarray, masks: np.ndarray | None = None) -> None:
         """Buffer a batch of rows; full shards are written as soon as they fill.
 
         Rows are encoded in the storage dtype here (quantised per token for int8/int4, from fp32), so the
@@ -111,7 +111,19 @@ class FeatureSetWriter:
                              f"{self.manifest.row_shape}")
         if np.asarray(labels).shape != (n,) or np.asarray(ids).shape != (n,):
             raise ValueError("labels and ids need one entry per row")
-        self._buffer.append((encode_features(features, self.manifest.dtype), np.asarray(labels), np.asarray(ids)))
+        stored = encode_features(features, self.manifest.dtype)
+        size = self.manifest.label_size
+        if (masks is None) != (size is None) or (masks is not None and np.shape(masks) != (n, *size)):
+            raise ValueError(f"label maps of shape {None if masks is None else np.shape(masks)}, the manifest "
+                             f"says {None if size is None else (n, *size)}")
+        if masks is not None:  # they travel with the features, row for row, into the same shards
+            masks = np.asarray(masks)
+            ignore = self.manifest.task["ignore_index"]
+            if masks.dtype != np.uint8 or ((masks >= len(self.manifest.classes)) & (masks != ignore)).any():
+                raise ValueError(f"label maps must be uint8 class indices below {len(self.manifest.classes)} "
+                                 f"or {ignore}")
+            stored[MASKS] = masks
+        self._buffer.append((stored, np.asarray(labels), np.asarray(ids)))
         self._buffered += n
         while self._buffered >= self.shard_rows:
             self._flush(self.shard_rows)
@@ -160,7 +172,8 @@ def write_shard(directory: Path, index: int, manifest: Manifest, features: np.nd
     """Commit one shard file atomically (its bytes depend only on the rows, ``index`` and the layout).
 
     ``features`` is a float (B, k, T, d) batch, encoded here in the manifest's dtype (int8/int4: quantised
-    from fp32), or the tensors ``encode_features`` already made for it.
+    from fp32), or the tensors ``encode_features`` already made for it (plus, in a segmentation set, the
+    ``masks`` label maps).
 
     ``row_start`` (the global index of the shard's first row) is recorded when the caller knows it, i.e. when
     the shard is also the ``index``-th entry of the manifest; a reader then checks both (see
