@@ -138,15 +138,8 @@ def predict_server(found: tuple[Any, Path], url: str, images: list[str], token_f
     model = from_checkpoint(ckpt, str(path))
     palette = label_palette()
     out.mkdir(parents=True, exist_ok=True)
-    for begin in range(0, len(images), server.max_images):
-        names = images[begin:begin + server.max_images]
-        files = []
-        for name in names:
-            try:
-                files.append((name, Path(name).read_bytes()))
-            except OSError as e:
-                raise click.ClickException(f"{name}: {e.strerror or e.__class__.__name__}") from None
-        predicted = model.forward(server.features(files), keep_cache=False).argmax(axis=-1).astype(np.uint8)
+    for names, features in remote.served_features(server, images):
+        predicted = model.forward(features, keep_cache=False).argmax(axis=-1).astype(np.uint8)
         for name, mask in zip(names, predicted):
             write_png(out / f"{Path(name).stem}.png", mask, palette)
     click.echo(f"wrote {len(images)} masks to {out} (features from {url})", err=True)

@@ -24,6 +24,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -188,10 +189,8 @@ def check_server(server: RemoteBackbone, trained_on: Manifest, checkpoint: Path)
                                    f"training set of {checkpoint}: {detail}") from None
 
 
-def predict_images(model: Any, classes: list[str], server: RemoteBackbone, images: list[str],
-                   top_k: int) -> list[dict[str, Any]]:
-    """Send ``images`` in requests of at most the server's limit; the adaptor runs here on the answers."""
-    records = []
+def served_features(server: RemoteBackbone, images: list[str]) -> Iterator[tuple[list[str], np.ndarray]]:
+    """``images`` sent in requests of at most the server's limit: each request's names and the sums answered."""
     for begin in range(0, len(images), server.max_images):
         names = images[begin:begin + server.max_images]
         files = []
@@ -200,7 +199,14 @@ def predict_images(model: Any, classes: list[str], server: RemoteBackbone, image
                 files.append((name, Path(name).read_bytes()))
             except OSError as e:
                 raise click.ClickException(f"{name}: {e.strerror or e.__class__.__name__}") from None
-        features = server.features(files)
+        yield names, server.features(files)
+
+
+def predict_images(model: Any, classes: list[str], server: RemoteBackbone, images: list[str],
+                   top_k: int) -> list[dict[str, Any]]:
+    """Send ``images`` in requests of at most the server's limit; the adaptor runs here on the answers."""
+    records = []
+    for names, features in served_features(server, images):
         logits = model.forward(features.astype(model.dtype, copy=False), keep_cache=False)
         records += [{"image": name, **top} for name, top in zip(names, top_classes(logits, classes, top_k))]
     return records
