@@ -32,7 +32,8 @@ from .data import read_rows
 from .dense import DENSE_LAE, DENSE_PROBE, DenseConfig, build, describe, init_dense, parameter_count, trainable
 from .dense_layers import IGNORE_INDEX, pixel_cross_entropy
 from .errors import TrainingError
-from .optim import AdamW, clip_grad_norm, lr_schedule
+from .optim import AdamW
+from .step import NonFiniteLoss, Recipe, train_step
 
 SUMMARY_NAME = "dense.json"
 CANDIDATES = "candidates"  # RUN/candidates/NAME.safetensors: each candidate's kept epoch
@@ -170,21 +171,19 @@ def _train_one(kind: str, lr: float, cfg: DenseConfig, x: np.ndarray, masks: np.
     batch = min(opts.batch_size, len(x))
     per_epoch = -(-len(x) // batch)
     total = per_epoch * opts.epochs
-    warmup = int(round(opts.warmup_fraction * total))
+    recipe = Recipe(lr=lr, total_steps=total, warmup_steps=int(round(opts.warmup_fraction * total)),
+                    min_lr=opts.min_lr, grad_clip=opts.grad_clip)
     best_params, best_record, step = None, None, 0
     for epoch in range(opts.epochs):
         order = np.random.default_rng([opts.seed, epoch]).permutation(len(x))
         losses = []
         for begin in range(0, len(x), batch):
             rows = order[begin:begin + batch]
-            with np.errstate(over="ignore", invalid="ignore"):  # a non-finite loss is caught just below
-                loss, dlogits = pixel_cross_entropy(model.forward(x[rows]), masks[rows])
-                grads = model.backward(dlogits)
-            if not math.isfinite(loss):
-                raise TrainingError(f"{kind}: non-finite loss at step {step}; lower --lr")
-            clip_grad_norm(grads, opts.grad_clip)
-            optimizer.step(grads, lr=lr_schedule(step, total, lr, warmup, opts.min_lr))
-            losses.append(loss)
+            try:
+                result = train_step(model, optimizer, x[rows], masks[rows], step, recipe, pixel_cross_entropy)
+            except NonFiniteLoss:
+                raise TrainingError(f"{kind}: non-finite loss at step {step}; lower --lr") from None
+            losses.append(result.loss)
             step += 1
         record = {"model": f"{kind}-lr-{lr:g}", "epoch": epoch + 1, "loss": float(np.mean(losses))}
         if len(val_rows):

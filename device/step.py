@@ -10,12 +10,14 @@
 
 ``mist-device train`` (one adaptor or a whole search, device/train.py) and every benchmark call
 ``train_step``; a model is anything with ``forward(inputs, keep_cache)``, ``backward(dlogits)`` and
-``params`` (the LAE, its fast path).
+``params`` (the LAE, its fast path). A dense model (device/dense_train.py) takes the same step with the
+pixel loss in place of the cross-entropy: ``loss(logits, labels) -> (loss, dlogits)``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,19 +54,26 @@ class StepResult:
     lr: float
 
 
-def loss_and_grads(model: Any, inputs: Any, labels: np.ndarray,
-                   label_smoothing: float = 0.0) -> tuple[float, dict[str, np.ndarray], np.ndarray]:
-    """Forward, mean cross-entropy and backward: (loss, grads keyed like model.params, logits)."""
+LossFn = Callable[[np.ndarray, np.ndarray], tuple[float, np.ndarray]]
+
+
+def loss_and_grads(model: Any, inputs: Any, labels: np.ndarray, label_smoothing: float = 0.0,
+                   loss_fn: LossFn | None = None) -> tuple[float, dict[str, np.ndarray], np.ndarray]:
+    """Forward, mean loss (cross-entropy unless ``loss_fn``) and backward: (loss, grads keyed like
+    model.params, logits)."""
     logits = model.forward(inputs)
-    loss, dlogits = softmax_cross_entropy(logits, labels, label_smoothing)
+    if loss_fn is None:
+        loss, dlogits = softmax_cross_entropy(logits, labels, label_smoothing)
+    else:
+        loss, dlogits = loss_fn(logits, labels)
     return loss, model.backward(dlogits), logits
 
 
 def train_step(model: Any, optimizer: AdamW, inputs: Any, labels: np.ndarray, step: int,
-               recipe: Recipe) -> StepResult:
+               recipe: Recipe, loss_fn: LossFn | None = None) -> StepResult:
     """One step at 0-based ``step`` of the schedule. Raises NonFiniteLoss before any weight changes."""
     with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is caught just below
-        loss, grads, logits = loss_and_grads(model, inputs, labels, recipe.label_smoothing)
+        loss, grads, logits = loss_and_grads(model, inputs, labels, recipe.label_smoothing, loss_fn)
     if not math.isfinite(loss):
         raise NonFiniteLoss(f"non-finite loss at step {step}")
     clip_grad_norm(grads, recipe.grad_clip)
