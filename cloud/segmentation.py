@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode
 
 from mist.formats.manifest import IGNORE_INDEX, check_classes
 
@@ -110,6 +109,9 @@ def load_mask(source: Source, i: int) -> Image.Image:
 def mask_transform(image_transform: Callable) -> Callable[[Image.Image], np.ndarray]:
     """The geometry of ``image_transform`` (a torchvision Compose of resizes and crops, then tensor steps),
     redone with nearest-neighbour sampling for an 8-bit mask: returns (H, W) uint8 at the model's input size."""
+    # Imported here, not at the top: torchvision costs every `mist-cloud` start-up about 1.7 s otherwise.
+    from torchvision.transforms import InterpolationMode
+
     steps = []
     for step in getattr(image_transform, "transforms", [image_transform]):
         name = type(step).__name__
